@@ -1,0 +1,409 @@
+"""The Python API: ``hotpatch.attach(pid)`` returns a :class:`Target` with ``apply``, ``revert``, ``status``.
+
+Apply, in three steps (DESIGN.md §3–§5):
+
+1. *Plan*, with the target running: find the module by build-id, check every function's bytes, analyse
+   prologues, choose a free range within ±2 GiB of the sites, resolve symbols, relocate the patch and build
+   trampolines — all in the tool's memory.
+2. *Load*, with one thread stopped for a few injected raw syscalls: ``mmap`` the range
+   (``MAP_FIXED_NOREPLACE``), write the image through ``/proc/PID/mem``, ``mprotect`` it; then record the
+   patch in the target's state (:mod:`.state`) with the target running.
+3. *Commit* the redirects with a :class:`~hotpatch.transaction.Transaction` (protocol B).
+
+If step 3 fails, the record and the mapping are removed again. Revert is the same transaction with the
+original bytes; the patch's memory is unmapped only when no thread's RIP or stack points into it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from . import state as statemod
+from .errors import HotpatchError, StateError, TargetError, UpToDateError
+from .loader import Layout, load
+from .modules import ModuleSet
+from .patch.bundle import PatchFile
+from .planner import PlacedSite, place, plan_sites
+from .process import remote
+from .process.maps import Mapping, gap_candidates, read_maps
+from .process.memory import Memory
+from .process.remote import Injector, SyscallError
+from .process.threads import World, list_tids
+from .state import PatchRecord, Record, SiteRecord
+from .transaction import CommitReport, SiteChange, Transaction
+from .x86.trampoline import MAX_TRAMPOLINE
+
+LOCK_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class SiteStatus:
+    """A site as ``status`` reports it: symbol, entry and site addresses, class, protocol."""
+
+    symbol: str
+    entry: int
+    site: int
+    klass: str
+    protocol: str
+
+
+@dataclass(frozen=True)
+class PatchStatus:
+    """An applied patch read from the target: ``state`` is ``applied``, ``partial`` or ``reverted``
+    (decided by the bytes at its sites, :func:`hotpatch.state.site_status`)."""
+
+    name: str
+    version: int
+    module: str
+    applied_at: str
+    state: str
+    sites: tuple[SiteStatus, ...]
+
+
+@dataclass(frozen=True)
+class Status:
+    """Everything ``status`` knows: the patches and the regions kept mapped after revert (addr, bytes)."""
+
+    pid: int
+    patches: tuple[PatchStatus, ...]
+    retained: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass
+class Report:
+    """What an apply or revert did: patch name and version, sites, longest stop ``pause_us`` (µs),
+    threads stopped, threads moved out of overwritten bytes, regions kept mapped (addr, bytes)."""
+
+    name: str
+    version: int
+    sites: list[tuple[str, int]] = field(default_factory=list)
+    pause_us: float = 0.0
+    threads: int = 0
+    moved: int = 0
+    retained: list[tuple[int, int]] = field(default_factory=list)
+    replaced_version: int | None = None
+
+
+def _check_target(pid: int) -> None:
+    if pid <= 0 or not os.path.isdir(f"/proc/{pid}"):
+        raise TargetError(f"no process with PID {pid}")
+    if pid == os.getpid():
+        raise TargetError("hotpatch cannot patch its own process through ptrace")
+    try:
+        with open(f"/proc/{pid}/exe", "rb") as f:
+            head = f.read(20)
+    except PermissionError:
+        raise TargetError(f"not permitted to trace PID {pid}") from None
+    except OSError:
+        raise TargetError(f"PID {pid} has no executable (a kernel thread or a zombie)") from None
+    if head[:4] == b"\x7fELF" and head[4] == 1:
+        raise TargetError(f"PID {pid} is a 32-bit (i386) process; this version patches x86-64 processes only")
+    if head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") != 62:
+        raise TargetError(f"PID {pid} is not an x86-64 process")
+
+
+class Target:
+    """A running process opened for patching. Use :func:`attach`; close with :meth:`close` or ``with``.
+
+    Raises TargetError when the process does not exist, is 32-bit, or may not be traced.
+    """
+
+    def __init__(self, pid: int) -> None:
+        _check_target(pid)
+        self.pid = pid
+        self.mem = Memory(pid)
+        self._syscall_insn: int | None = None
+
+    def close(self) -> None:
+        """Release the handle on the target's memory."""
+        self.mem.close()
+
+    def __enter__(self) -> Target:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers ------------------------------------------------------------------------------------
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        path = os.path.join(tempfile.gettempdir(), f"hotpatch-{self.pid}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            deadline = time.monotonic() + LOCK_TIMEOUT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TargetError(f"another hotpatch is working on PID {self.pid}") from None
+                    time.sleep(0.01)
+            yield
+        finally:
+            os.close(fd)
+
+    def _maps(self) -> list[Mapping]:
+        return read_maps(self.pid)
+
+    @contextmanager
+    def _injector(self, maps: list[Mapping]) -> Iterator[Injector]:
+        """One thread stopped for injected syscalls; the others run on."""
+        if self._syscall_insn is None:
+            self._syscall_insn = remote.find_syscall_insn(maps, self.mem)
+        world = World(self.pid)
+        try:
+            for tid in [self.pid, *list_tids(self.pid)]:
+                try:
+                    world.seize_thread(tid)
+                except TargetError:
+                    if tid == self.pid:
+                        continue
+                    raise
+                world.stop([tid])
+                if tid in world.threads and not world.threads[tid].group_stop:
+                    break
+                world.release()
+            yield Injector(world, self._syscall_insn)
+        finally:
+            world.release()
+
+    def _record(self, maps: list[Mapping]) -> tuple[int | None, Record]:
+        addr = statemod.find_region(maps)
+        return addr, statemod.read(self.mem, addr)
+
+    # -- status -------------------------------------------------------------------------------------
+    def status(self) -> Status:
+        """The patches recorded in the target, each with its state decided by the bytes at its sites."""
+        _, record = self._record(self._maps())
+        out = []
+        for p in record.patches:
+            out.append(
+                PatchStatus(
+                    p.name, p.version, p.module, p.applied_at, statemod.site_status(self.mem, p),
+                    tuple(SiteStatus(s.symbol, s.entry, s.site, s.klass, s.protocol) for s in p.sites),
+                )
+            )
+        return Status(self.pid, tuple(out), tuple((r[0], r[1]) for r in record.retired))
+
+    # -- apply --------------------------------------------------------------------------------------
+    def apply(self, patch: PatchFile | str) -> Report:
+        """Apply a patch (a :class:`PatchFile` or its path); a newer version replaces an older one of the
+        same name in one transaction.
+
+        Raises UpToDateError when the same or a newer version is applied; MismatchError for another build or
+        changed bytes; SiteError, SymbolError, PatchFileError, TargetError as their names say. The target is
+        unchanged whenever an error is raised.
+        """
+        pf = patch if isinstance(patch, PatchFile) else PatchFile(patch)
+        man = pf.manifest
+        with self._locked():
+            maps = self._maps()
+            state_addr, record = self._record(maps)
+            record = self._reconcile(record, state_addr)
+            old = record.find(man.name)
+            if old is not None and old.version >= man.version:
+                raise UpToDateError(
+                    f"patch {man.name} version {old.version} is already applied to PID {self.pid}; "
+                    f"version {man.version} is already up to date"
+                )
+            modules = ModuleSet(self.pid, maps)
+            try:
+                module = modules.find(man.build_id, man.file)
+                plans = plan_sites(self.mem, module, man.functions, record, man.name)
+                layout = Layout.of(pf, MAX_TRAMPOLINE * len(plans))
+                sites = [p.prologue.site for p in plans]
+                candidates = gap_candidates(maps, [*sites, module.start, module.end], layout.size)
+                if not candidates:
+                    raise TargetError(f"no free address range within ±2 GiB of {module.path} in PID {self.pid}")
+
+                def read_word(addr: int) -> int:
+                    return int.from_bytes(self.mem.read(addr, 8), "little")
+
+                resolved: dict[str, int] = {}
+
+                def resolve(name: str) -> int:
+                    if name not in resolved:
+                        resolved[name] = modules.resolve(name, module, read_word)
+                    return resolved[name]
+
+                region, placed, state_addr = self._load(pf, layout, candidates, plans, resolve, maps, state_addr)
+            finally:
+                modules.close()
+            assert state_addr is not None
+            rec = PatchRecord(
+                name=man.name,
+                version=man.version,
+                build_id=man.build_id,
+                module=module.path,
+                applied_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                regions=[[region, layout.size]],
+                sites=[
+                    SiteRecord(
+                        symbol=s.plan.function.symbol, entry=s.plan.prologue.entry, site=s.plan.prologue.site,
+                        original=s.plan.original.hex(), new=s.new.hex(), replacement=s.replacement,
+                        trampoline=s.trampoline.address,
+                    )
+                    for s in placed
+                ],
+            )
+            statemod.write(self.mem, state_addr, Record([*record.patches, rec], record.retired))
+            txn = Transaction(self.pid, self.mem)
+            for s in placed:
+                pro = s.plan.prologue
+                txn.add(SiteChange(
+                    address=pro.site, expected=s.plan.current, new=s.new, label=s.plan.function.symbol,
+                    span=0 if s.plan.upgrading else pro.length,
+                    rip_map={} if s.plan.upgrading else s.trampoline.rip_map,
+                ))
+            try:
+                commit = txn.commit()
+            except BaseException:
+                self._undo_load(state_addr, record, region, layout.size)
+                raise
+            final = Record([p for p in record.patches if p is not old] + [rec], list(record.retired))
+            if old is not None:
+                final.retired.extend(old.regions)
+            statemod.write(self.mem, state_addr, final)
+        report = self._report(rec, commit)
+        report.replaced_version = old.version if old is not None else None
+        return report
+
+    def _load(
+        self,
+        pf: PatchFile,
+        layout: Layout,
+        candidates: list[int],
+        plans: list,  # type: ignore[type-arg]
+        resolve: object,
+        maps: list[Mapping],
+        state_addr: int | None,
+    ) -> tuple[int, list[PlacedSite], int]:
+        """Relocate for the first free candidate, map it, write it, protect it; create the state mapping
+        if needed. Returns (region, placed sites, state address)."""
+        assert callable(resolve)
+        with self._injector(maps) as inject:
+            for region in candidates[:16]:
+                tramp_area = region + layout.span
+                placed = place(plans, {s.name: region - layout.min_vaddr + s.value
+                                       for s in pf.symbols.values()}, tramp_area)
+                originals = {s.plan.function.symbol: s.trampoline.address for s in placed}
+                img = load(pf, layout, region, resolve, originals)
+                try:
+                    remote.mmap_fixed(inject, region, layout.size, remote.PROT_READ | remote.PROT_WRITE)
+                except SyscallError as e:
+                    if e.errno == 17:  # EEXIST: the target mapped it meanwhile; try the next gap
+                        continue
+                    raise TargetError(f"mmap in PID {self.pid} failed: {e.strerror}") from None
+                try:
+                    if state_addr is None:
+                        state_addr = statemod.create(inject, self.mem, region)
+                    tramps = b"".join(s.trampoline.code.ljust(MAX_TRAMPOLINE, b"\xcc") for s in placed)
+                    self.mem.write(region, img.image + tramps)
+                    for addr, size, prot in [*img.protections,
+                                             (tramp_area, layout.size - layout.span,
+                                              remote.PROT_READ | remote.PROT_EXEC)]:
+                        inject(remote.SYS_MPROTECT, addr, size, prot)
+                except BaseException:
+                    inject(remote.SYS_MUNMAP, region, layout.size)
+                    raise
+                return region, placed, state_addr
+        raise TargetError(f"no free address range within ±2 GiB of the sites in PID {self.pid}")
+
+    def _undo_load(self, state_addr: int, record: Record, region: int, size: int) -> None:
+        """After a failed commit: put the record back and unmap the region (nothing ran in it)."""
+        try:
+            statemod.write(self.mem, state_addr, record)
+            with self._injector(self._maps()) as inject:
+                inject(remote.SYS_MUNMAP, region, size)
+        except HotpatchError:
+            pass
+
+    # -- revert -------------------------------------------------------------------------------------
+    def revert(self, name: str | None = None) -> list[Report]:
+        """Revert the patch called ``name``, or every patch when ``name`` is None (``--all``).
+
+        Restores the original bytes with the same protocol as apply; unmaps the patch's memory when no
+        thread's RIP or stack points into it, else keeps it (``status`` lists it) until a later command finds
+        it free. Raises StateError when no such patch is applied; MismatchError when a site was changed by
+        something else since.
+        """
+        with self._locked():
+            maps = self._maps()
+            state_addr, record = self._record(maps)
+            record = self._reconcile(record, state_addr)
+            if name is not None and record.find(name) is None:
+                raise StateError(f"no patch named {name} is applied to PID {self.pid}")
+            victims = [p for p in record.patches if name is None or p.name == name]
+            if not victims:
+                return []
+            txn = Transaction(self.pid, self.mem)
+            for p in victims:
+                for s in p.sites:
+                    txn.add(SiteChange(s.site, bytes.fromhex(s.new), bytes.fromhex(s.original), s.symbol))
+            regions = [(r[0], r[1]) for p in victims for r in p.regions] + [(r[0], r[1]) for r in record.retired]
+            commit = txn.commit(watch=regions)
+            assert state_addr is not None
+            kept = self._unmap_free(regions, commit.busy, maps)
+            statemod.write(self.mem, state_addr,
+                           Record([p for p in record.patches if p not in victims], [list(r) for r in kept]))
+        reports = []
+        for p in victims:
+            rep = self._report(p, commit)
+            rep.retained = [r for r in kept if [r[0], r[1]] in p.regions]
+            reports.append(rep)
+        return reports
+
+    def _unmap_free(self, regions: list[tuple[int, int]], busy: set[tuple[int, int]],
+                    maps: list[Mapping]) -> list[tuple[int, int]]:
+        free = [r for r in regions if r not in busy]
+        if free:
+            with self._injector(maps) as inject:
+                for addr, size in free:
+                    inject(remote.SYS_MUNMAP, addr, size)
+        return [r for r in regions if r in busy]
+
+    # -- consistency --------------------------------------------------------------------------------
+    def _reconcile(self, record: Record, state_addr: int | None) -> Record:
+        """Drop records of patches that are not in force (a tool killed before or during a commit).
+
+        A record whose sites all hold the original bytes is dropped and its memory retired; one with some
+        sites written ("partial") is rolled back first. Returns the record to work from.
+        """
+        keep, retire, rollback = [], [], []
+        for p in record.patches:
+            st = statemod.site_status(self.mem, p)
+            if st == "applied":
+                keep.append(p)
+            else:
+                retire.append(p)
+                if st == "partial":
+                    rollback.append(p)
+        if not retire or state_addr is None:
+            return record
+        if rollback:
+            txn = Transaction(self.pid, self.mem)
+            for p in rollback:
+                for s in p.sites:
+                    if self.mem.read(s.site, len(bytes.fromhex(s.new))) == bytes.fromhex(s.new):
+                        txn.add(SiteChange(s.site, bytes.fromhex(s.new), bytes.fromhex(s.original), s.symbol))
+            txn.commit()
+        fixed = Record(keep, record.retired + [r for p in retire for r in p.regions])
+        statemod.write(self.mem, state_addr, fixed)
+        return fixed
+
+    def _report(self, rec: PatchRecord, commit: CommitReport) -> Report:
+        return Report(rec.name, rec.version, [(s.symbol, s.site) for s in rec.sites], commit.pause_us,
+                      commit.threads, commit.moved)
+
+
+def attach(pid: int) -> Target:
+    """Open the running process ``pid`` for patching. Raises TargetError (no such PID, not traceable,
+    not x86-64)."""
+    return Target(pid)

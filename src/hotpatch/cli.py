@@ -1,0 +1,148 @@
+"""The ``hotpatch`` command line (click). It only parses, calls :mod:`hotpatch.api`, and prints.
+
+Every error is one line on stderr, ``hotpatch: error: <what>``, with exit status 1 (2 for bad usage, as
+click does); no traceback unless ``HOTPATCH_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any, TypeVar
+
+import click
+
+from .errors import HotpatchError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"hotpatch: error: {message}", err=True)
+    sys.exit(code)
+
+
+def guarded(fn: F) -> F:
+    """Turn HotpatchError (and anything unexpected) into one line and a non-zero exit."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except HotpatchError as e:
+            if os.environ.get("HOTPATCH_DEBUG"):
+                raise
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except Exception as e:  # noqa: BLE001 - the promise is one line, never a traceback
+            if os.environ.get("HOTPATCH_DEBUG"):
+                raise
+            _fail(f"internal error: {type(e).__name__}: {e}", 3)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hotpatch")
+def main() -> None:
+    """Live-patch functions of running Linux x86-64 processes."""
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--target", "target", required=True, type=click.Path(dir_okay=False),
+              help="The program or library file whose functions the sources replace.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Patch file to write.")
+@click.option("--name", help="Patch name (default: the output file's name).")
+@click.option("--version", "version", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Integer version; a newer version replaces an older one.")
+@guarded
+def build(sources: tuple[str, ...], target: str, out: str, name: str | None, version: int) -> None:
+    """Compile SOURCES into one patch file for TARGET."""
+    from .patch.build import build as do_build
+
+    res = do_build(list(sources), target, out, name=name, version=version)
+    m = res.manifest
+    click.echo(f"built {out}: patch {m.name} version {m.version} for {m.file} (build-id {m.build_id[:12]}…), "
+               f"replaces {', '.join(f.symbol for f in m.functions)}")
+
+
+@main.command()
+@click.option("--pid", required=True, type=int, help="Target process.")
+@click.argument("patch", type=click.Path(dir_okay=False))
+@guarded
+def apply(pid: int, patch: str) -> None:
+    """Apply the patch file PATCH to process PID."""
+    from .api import attach
+    from .patch.bundle import PatchFile
+
+    pf = PatchFile(patch)
+    with attach(pid) as target:
+        rep = target.apply(pf)
+    what = f"upgraded from version {rep.replaced_version}" if rep.replaced_version is not None else "applied"
+    click.echo(f"{what}: patch {rep.name} version {rep.version} to PID {pid}: "
+               + ", ".join(f"{sym} at {addr:#x}" for sym, addr in rep.sites)
+               + f" ({rep.threads} threads stopped for {rep.pause_us:.0f} µs)")
+
+
+@main.command()
+@click.option("--pid", required=True, type=int, help="Target process.")
+@click.argument("name", required=False)
+@click.option("--all", "all_", is_flag=True, help="Revert every applied patch.")
+@guarded
+def revert(pid: int, name: str | None, all_: bool) -> None:
+    """Revert the patch NAME (or --all) in process PID."""
+    from .api import attach
+
+    if bool(name) == all_:
+        _fail("give either a patch NAME or --all", 2)
+    with attach(pid) as target:
+        reps = target.revert(None if all_ else name)
+    if not reps:
+        click.echo(f"no patch is applied to PID {pid}")
+    for rep in reps:
+        kept = f"; its memory is kept while threads may run in it ({len(rep.retained)} region)" if rep.retained else ""
+        click.echo(f"reverted: patch {rep.name} version {rep.version} in PID {pid} "
+                   f"({rep.threads} threads stopped for {rep.pause_us:.0f} µs){kept}")
+
+
+@main.command()
+@click.option("--pid", required=True, type=int, help="Target process.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@guarded
+def status(pid: int, as_json: bool) -> None:
+    """Show the patches applied to process PID, read from the process itself."""
+    from .api import attach
+
+    with attach(pid) as target:
+        st = target.status()
+    if as_json:
+        click.echo(json.dumps(asdict(st), indent=2))
+        return
+    if not st.patches:
+        click.echo(f"PID {pid}: no patch applied")
+    for p in st.patches:
+        click.echo(f"{p.name} version {p.version}: {p.state}, applied {p.applied_at} to {p.module}")
+        for s in p.sites:
+            click.echo(f"  {s.symbol} at {s.site:#x}  class={s.klass} protocol={s.protocol}")
+    for addr, size in st.retained:
+        click.echo(f"kept mapped: {size} bytes at {addr:#x} (a thread may still run in a reverted patch)")
+
+
+@main.command()
+@click.option("--seconds", type=float, default=1.5, show_default=True, help="How long to watch each phase.")
+@guarded
+def demo(seconds: float) -> None:
+    """Build a small multithreaded C/C++ program, patch it live, revert, and stop it."""
+    from .demo import run
+
+    run(seconds, click.echo)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Loading a patch's shared object into a target without ``dlopen`` (DESIGN.md §5 "Deadlock").
+
+The loader lays the patch's PT_LOAD segments out in one image at a chosen base address, applies the dynamic
+relocations itself (System V x86-64 psABI §4.4.1: RELATIVE = B + A, 64 = S + A, GLOB_DAT/JUMP_SLOT = S),
+and returns the image with the protection of each page range. Symbols the patch defines resolve to the patch
+(like ``-Bsymbolic``); undefined ones through :meth:`ModuleSet.resolve`; relocations inside the
+``hotpatch_original`` section (``HOTPATCH_ORIGINAL``) resolve to the trampoline of the named function.
+Mapping, writing and protecting happen in :mod:`hotpatch.api`, with injected raw syscalls.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import PatchFileError, SymbolError
+from .patch.bundle import (
+    R_X86_64_64,
+    R_X86_64_GLOB_DAT,
+    R_X86_64_JUMP_SLOT,
+    R_X86_64_NONE,
+    R_X86_64_RELATIVE,
+    PatchBinary,
+)
+from .process.maps import PAGE, page_down, page_up
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a patch goes: ``span`` bytes of segments from link-time ``min_vaddr``, then ``extra`` bytes
+    (trampolines). ``size`` is the whole region in bytes, page-aligned."""
+
+    min_vaddr: int
+    span: int
+    extra: int
+
+    @property
+    def size(self) -> int:
+        """Region size in bytes."""
+        return self.span + page_up(self.extra)
+
+    @staticmethod
+    def of(binary: PatchBinary, extra: int) -> Layout:
+        """The layout of ``binary`` with ``extra`` bytes after its segments."""
+        lo = page_down(min(s.vaddr for s in binary.segments))
+        hi = page_up(max(s.vaddr + s.memsz for s in binary.segments))
+        return Layout(lo, hi - lo, extra)
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """The bytes of the region (segments only; the trampoline area is written separately), and the
+    protections ``(address, size, PROT_*)`` to apply after writing."""
+
+    region: int
+    image: bytes
+    protections: list[tuple[int, int, int]]
+
+
+def load(
+    binary: PatchBinary,
+    layout: Layout,
+    region: int,
+    resolve: Callable[[str], int],
+    originals: dict[str, int],
+) -> LoadedImage:
+    """Relocate ``binary`` for the region at address ``region``.
+
+    ``resolve(name)`` gives the runtime address of an undefined symbol (raises SymbolError);
+    ``originals`` maps a replaced symbol to its trampoline address. Raises PatchFileError for a relocation
+    outside the image, SymbolError for an unresolvable symbol or a HOTPATCH_ORIGINAL of a function the patch
+    does not replace.
+    """
+    base = region - layout.min_vaddr
+    image = bytearray(layout.span)
+    for seg in binary.segments:
+        off = seg.vaddr - layout.min_vaddr
+        image[off : off + len(seg.data)] = seg.data
+    by_value = {s.value: s.name for s in binary.symbols.values() if s.kind == "func"}
+    lo, hi = binary.original_slots
+    for rel in binary.relocations:
+        if rel.type == R_X86_64_NONE:
+            continue
+        off = rel.offset - layout.min_vaddr
+        if not 0 <= off <= len(image) - 8:
+            raise PatchFileError(f"{binary.where} is corrupt: a relocation at {rel.offset:#x} is outside the image")
+        if lo <= rel.offset < hi:
+            name = rel.symbol or by_value.get(rel.addend, "")
+            if name not in originals:
+                raise SymbolError(f"HOTPATCH_ORIGINAL({name or '?'}) names a function this patch does not replace")
+            value = originals[name]
+        elif rel.type == R_X86_64_RELATIVE:
+            value = base + rel.addend
+        else:
+            if rel.defined is not None:
+                sym_addr = base + rel.defined.value
+            elif rel.symbol.startswith("?"):
+                try:
+                    sym_addr = resolve(rel.symbol[1:])
+                except SymbolError:
+                    sym_addr = 0  # weak undefined
+            else:
+                sym_addr = resolve(rel.symbol)
+            value = sym_addr + rel.addend if rel.type == R_X86_64_64 else sym_addr
+            assert rel.type in (R_X86_64_64, R_X86_64_GLOB_DAT, R_X86_64_JUMP_SLOT)
+        struct.pack_into("<Q", image, off, value & 0xFFFF_FFFF_FFFF_FFFF)
+    return LoadedImage(region, bytes(image), _protections(binary, layout, region))
+
+
+def _protections(binary: PatchBinary, layout: Layout, region: int) -> list[tuple[int, int, int]]:
+    """Per-page protection of the segments (the stricter PT_GNU_RELRO range becomes read-only)."""
+    base = region - layout.min_vaddr
+    pages: dict[int, int] = {}
+    for seg in binary.segments:
+        for p in range(page_down(seg.vaddr), page_up(seg.vaddr + seg.memsz), PAGE):
+            pages[p] = pages.get(p, 0) | seg.prot
+    if binary.relro is not None:
+        # ld.so protects [page_down(start), page_down(end)) (glibc elf/dl-reloc.c, _dl_protect_relro)
+        for p in range(page_down(binary.relro.start), page_down(binary.relro.end), PAGE):
+            pages[p] = pages.get(p, 0) & ~2
+    out: list[tuple[int, int, int]] = []
+    for p in sorted(pages):
+        addr, prot = base + p, pages[p]
+        if out and out[-1][0] + out[-1][1] == addr and out[-1][2] == prot:
+            out[-1] = (out[-1][0], out[-1][1] + PAGE, prot)
+        else:
+            out.append((addr, PAGE, prot))
+    return out

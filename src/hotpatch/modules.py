@@ -1,0 +1,147 @@
+"""The modules (ELF objects) mapped in a target, found by build-id, and symbol resolution across them.
+
+A module's file is opened through ``/proc/PID/root/<path>`` (the target's view of the file system) or, when it
+was deleted or replaced on disk, ``/proc/PID/map_files/<range>`` (proc(5)). Its load bias comes from the mapping
+of its first file page (System V gABI, "Program Loading").
+
+Symbol resolution order for a patch's undefined symbols (issue 2): the target module's ``.dynsym``, its
+``.symtab``, then the executable, then every other module in address order (as ld.so's global scope puts the
+executable first: a copy-relocated ``stdout`` lives there).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .elf.image import ElfImage, open_elf
+from .errors import HotpatchError, MismatchError, SymbolError
+from .process.maps import Mapping
+
+
+@dataclass
+class Module:
+    """One mapped ELF object: ``path`` as maps shows it, ``bias`` (bytes added to link-time addresses),
+    ``start``/``end`` spanning its mappings, and ``file``, a path hotpatch can open."""
+
+    path: str
+    file: str
+    start: int
+    end: int
+    first: Mapping
+    _image: ElfImage | None = field(default=None, repr=False)
+    _bias: int | None = field(default=None, repr=False)
+
+    @property
+    def image(self) -> ElfImage:
+        """The module's ELF file (opened on first use). Raises PatchFileError when it cannot be read."""
+        if self._image is None:
+            self._image = open_elf(self.file, "module")
+        return self._image
+
+    @property
+    def bias(self) -> int:
+        """Load bias in bytes: runtime address = link-time address + bias."""
+        if self._bias is None:
+            self._bias = self.image.load_bias(self.first.offset, self.first.start)
+        return self._bias
+
+    def close(self) -> None:
+        """Close the module's file if it was opened."""
+        if self._image is not None:
+            self._image.close()
+            self._image = None
+
+
+class ModuleSet:
+    """Every file-backed ELF module of a target, from its ``/proc/PID/maps``."""
+
+    def __init__(self, pid: int, maps: list[Mapping]) -> None:
+        self.pid = pid
+        exe = os.readlink(f"/proc/{pid}/exe") if os.path.exists(f"/proc/{pid}/exe") else ""
+        by_path: dict[str, Module] = {}
+        for m in maps:
+            if m.inode == 0 or not m.path.startswith("/") or m.path.startswith("/memfd:"):
+                continue
+            mod = by_path.get(m.path)
+            if mod is None:
+                by_path[m.path] = Module(m.path, self._openable(m), m.start, m.end, m)
+            else:
+                mod.start, mod.end = min(mod.start, m.start), max(mod.end, m.end)
+                if m.offset < mod.first.offset:
+                    mod.first = m
+        self.modules = sorted(by_path.values(), key=lambda mod: (mod.path != exe, mod.start))
+
+    def _openable(self, m: Mapping) -> str:
+        path = m.path.removesuffix(" (deleted)")
+        rooted = f"/proc/{self.pid}/root{path}"
+        if not m.path.endswith(" (deleted)") and os.path.exists(rooted):
+            return rooted
+        return f"/proc/{self.pid}/map_files/{m.start:x}-{m.end:x}"
+
+    def close(self) -> None:
+        """Close every opened module file."""
+        for mod in self.modules:
+            mod.close()
+
+    def find(self, build_id: str, file_name: str) -> Module:
+        """The module whose GNU build-id is ``build_id``; modules named ``file_name`` are tried first.
+
+        Raises MismatchError when no mapped module has that build-id (another build of the program).
+        """
+        ordered = sorted(self.modules, key=lambda mod: os.path.basename(mod.path.removesuffix(" (deleted)")) != file_name)
+        for mod in ordered:
+            try:
+                if mod.image.build_id == build_id:
+                    return mod
+            except HotpatchError:
+                continue
+        named = [mod.path for mod in self.modules if os.path.basename(mod.path) == file_name]
+        if named:
+            raise MismatchError(
+                f"the patch is for another build of {file_name}: PID {self.pid} maps {named[0]} "
+                f"with a different build-id (patch wants {build_id})"
+            )
+        raise MismatchError(f"PID {self.pid} has no module with build-id {build_id} ({file_name} is not loaded)")
+
+    def resolve(self, name: str, first: Module, read_word: Callable[[int], int]) -> int:
+        """Runtime address of symbol ``name``: ``first``'s .dynsym and .symtab, then the executable, then
+        the others. An IFUNC resolves to the implementation the target already bound (see
+        :meth:`_bound_ifunc`). ``read_word`` reads 8 bytes of target memory.
+
+        Raises SymbolError when no module defines it.
+        """
+        for mod in [first, *(m for m in self.modules if m is not first)]:
+            try:
+                sym = mod.image.symbol(name) if mod is first else mod.image.dynamic_symbol(name)
+            except HotpatchError:
+                continue
+            if sym is None or sym.kind == "tls":
+                continue
+            if sym.kind == "ifunc":
+                return self._bound_ifunc(name, mod, read_word)
+            return mod.bias + sym.value
+        raise SymbolError(f"symbol {name} is not defined in PID {self.pid} (looked in {first.path} and "
+                          f"{len(self.modules) - 1} other modules)")
+
+    def _bound_ifunc(self, name: str, definer: Module, read_word: Callable[[int], int]) -> int:
+        """The implementation of IFUNC ``name`` that ld.so chose in this target: the value of a GOT slot
+        of some module importing ``name`` that already points into ``definer`` (ld.so runs the resolver once
+        per process; calling it ourselves would run code in the target). Raises SymbolError when no module
+        has such a bound slot (e.g. only lazily bound ones)."""
+        for mod in self.modules:
+            if mod is definer:
+                continue
+            try:
+                slots = mod.image.import_slots(name)
+            except HotpatchError:
+                continue
+            for slot in slots:
+                value = read_word(mod.bias + slot)
+                if definer.start <= value < definer.end:
+                    return value
+        raise SymbolError(
+            f"symbol {name} is an IFUNC in {definer.path} and no module of PID {self.pid} has bound it yet; "
+            "hotpatch cannot pick its implementation"
+        )

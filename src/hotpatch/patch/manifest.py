@@ -1,0 +1,105 @@
+"""The manifest of a patch: what it replaces, in which build, and its identity.
+
+Stored as UTF-8 JSON in the ELF section ``.hotpatch.manifest`` of the patch file (a non-allocated section:
+never mapped into a target). Fields follow seed 004's registry entries (symbol, version) plus what a safe
+apply needs (target build-id, each function's size and the SHA-256 of its bytes in the target file).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..errors import PatchFileError
+
+SECTION = ".hotpatch.manifest"
+FORMAT = 1
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Function:
+    """A replaced function: its ``symbol``, link-time address ``value`` and ``size`` (bytes) in the target
+    module, and ``sha256`` of those ``size`` bytes in the target file."""
+
+    symbol: str
+    value: int
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything ``apply`` checks before it writes a byte.
+
+    ``name``/``version``: the patch's identity (a newer version replaces an older one); ``build_id``/``file``:
+    the target module; ``functions``: the replaced functions; ``content_sha256``: hash of the patch's
+    loadable bytes, so a damaged file is refused.
+    """
+
+    name: str
+    version: int
+    arch: str
+    build_id: str
+    file: str
+    functions: tuple[Function, ...]
+    content_sha256: str
+
+    def to_json(self) -> bytes:
+        """Serialize (stable key order) for the manifest section."""
+        doc = asdict(self)
+        doc["format"] = FORMAT
+        return json.dumps(doc, sort_keys=True, indent=1).encode()
+
+    @staticmethod
+    def from_json(raw: bytes, where: str) -> Manifest:
+        """Parse and validate; raises PatchFileError naming ``where`` and the bad field."""
+        try:
+            doc = json.loads(raw.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PatchFileError(f"{where}: the manifest is not valid JSON ({e})") from None
+        if not isinstance(doc, dict):
+            raise PatchFileError(f"{where}: the manifest is not a JSON object")
+        if doc.get("format") != FORMAT:
+            raise PatchFileError(f"{where}: unsupported manifest format {doc.get('format')!r}")
+        try:
+            funcs = tuple(Function(**_fields(f, Function)) for f in doc["functions"])
+            man = Manifest(**{**_fields(doc, Manifest), "functions": funcs})
+        except (KeyError, TypeError) as e:
+            raise PatchFileError(f"{where}: the manifest lacks or mistypes a field ({e})") from None
+        man.validate(where)
+        return man
+
+    def validate(self, where: str) -> None:
+        """Check field types and ranges; raises PatchFileError."""
+        ok = (
+            isinstance(self.name, str)
+            and NAME_RE.match(self.name) is not None
+            and isinstance(self.version, int)
+            and not isinstance(self.version, bool)
+            and self.version >= 0
+            and isinstance(self.build_id, str)
+            and re.fullmatch(r"[0-9a-f]{8,128}", self.build_id) is not None
+            and isinstance(self.arch, str)
+            and bool(self.functions)
+            and all(
+                isinstance(f.symbol, str)
+                and f.symbol
+                and isinstance(f.value, int)
+                and isinstance(f.size, int)
+                and f.size > 0
+                and isinstance(f.sha256, str)
+                for f in self.functions
+            )
+        )
+        if not ok:
+            raise PatchFileError(f"{where}: the manifest has an invalid field")
+
+
+def _fields(doc: Any, cls: type) -> dict[str, Any]:
+    if not isinstance(doc, dict):
+        raise TypeError("not an object")
+    names = cls.__dataclass_fields__
+    return {k: doc[k] for k in names}

@@ -1,0 +1,173 @@
+"""A thin ctypes layer over ptrace(2) and waitpid(2) for x86-64 tracees.
+
+Only what hotpatch needs: ``PTRACE_SEIZE`` (never ``PTRACE_ATTACH``, never ``PTRACE_O_EXITKILL``, so a killed
+tracer leaves the target running: ptrace(2), "PTRACE_SEIZE"; research §3.1), ``PTRACE_INTERRUPT``, register
+access, ``PTRACE_CONT``/``SINGLESTEP``/``DETACH`` with a signal to re-inject, and event messages.
+
+Request numbers and the layout of ``struct user_regs_struct`` come from the kernel's
+``include/uapi/linux/ptrace.h`` and ``arch/x86/include/asm/user_64.h``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from typing import Final
+
+PTRACE_PEEKDATA: Final = 2
+PTRACE_CONT: Final = 7
+PTRACE_SINGLESTEP: Final = 9
+PTRACE_GETREGS: Final = 12
+PTRACE_SETREGS: Final = 13
+PTRACE_DETACH: Final = 17
+PTRACE_SETOPTIONS: Final = 0x4200
+PTRACE_GETEVENTMSG: Final = 0x4201
+PTRACE_SEIZE: Final = 0x4206
+PTRACE_INTERRUPT: Final = 0x4207
+
+PTRACE_O_TRACECLONE: Final = 0x8
+PTRACE_EVENT_CLONE: Final = 3
+PTRACE_EVENT_STOP: Final = 128
+
+WALL: Final = 0x40000000  # __WALL: wait for clone children (threads) too
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_ptrace = _libc.ptrace
+_ptrace.restype = ctypes.c_long
+_ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+_tgkill = _libc.syscall
+_tgkill.restype = ctypes.c_long
+
+
+class Regs(ctypes.Structure):
+    """``struct user_regs_struct`` of x86-64 (27 × u64, arch/x86/include/asm/user_64.h)."""
+
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax "
+            "rip cs eflags rsp ss fs_base gs_base ds es fs gs"
+        ).split()
+    ]
+
+    r15: int
+    r14: int
+    r13: int
+    r12: int
+    rbp: int
+    rbx: int
+    r11: int
+    r10: int
+    r9: int
+    r8: int
+    rax: int
+    rcx: int
+    rdx: int
+    rsi: int
+    rdi: int
+    orig_rax: int
+    rip: int
+    cs: int
+    eflags: int
+    rsp: int
+    ss: int
+    fs_base: int
+    gs_base: int
+    ds: int
+    es: int
+    fs: int
+    gs: int
+
+    def copy(self) -> Regs:
+        """Return an independent copy of these registers."""
+        out = Regs()
+        ctypes.pointer(out)[0] = self
+        return out
+
+
+class PtraceError(OSError):
+    """A ptrace request failed; ``errno`` says why (ESRCH: thread gone, EPERM: not allowed)."""
+
+
+def _call(request: int, tid: int, addr: int = 0, data: int | ctypes.c_void_p | None = 0) -> int:
+    ctypes.set_errno(0)
+    res = int(_ptrace(request, tid, ctypes.c_void_p(addr), data))
+    if res == -1:
+        err = ctypes.get_errno()
+        if err:
+            raise PtraceError(err, f"ptrace({request:#x}, {tid}): {os.strerror(err)}")
+    return res
+
+
+def seize(tid: int, options: int = PTRACE_O_TRACECLONE) -> None:
+    """Attach to thread ``tid`` without stopping it (``PTRACE_SEIZE``).
+
+    Raises PtraceError (EPERM: not permitted or already traced; ESRCH: no such thread).
+    """
+    _call(PTRACE_SEIZE, tid, 0, ctypes.c_void_p(options))
+
+
+def interrupt(tid: int) -> None:
+    """Ask a seized thread to stop (``PTRACE_INTERRUPT``); the stop is reported by waitpid."""
+    _call(PTRACE_INTERRUPT, tid)
+
+
+def cont(tid: int, sig: int = 0) -> None:
+    """Resume a stopped tracee, delivering ``sig`` if it is in a signal-delivery-stop."""
+    _call(PTRACE_CONT, tid, 0, ctypes.c_void_p(sig))
+
+
+def singlestep(tid: int, sig: int = 0) -> None:
+    """Resume a stopped tracee for one instruction (a ``syscall`` instruction completes first)."""
+    _call(PTRACE_SINGLESTEP, tid, 0, ctypes.c_void_p(sig))
+
+
+def detach(tid: int, sig: int = 0) -> None:
+    """Detach from a stopped tracee and let it run, delivering ``sig`` from a signal-delivery-stop."""
+    _call(PTRACE_DETACH, tid, 0, ctypes.c_void_p(sig))
+
+
+def get_regs(tid: int) -> Regs:
+    """Read the general-purpose registers of a stopped tracee."""
+    regs = Regs()
+    _call(PTRACE_GETREGS, tid, 0, ctypes.cast(ctypes.pointer(regs), ctypes.c_void_p))
+    return regs
+
+
+def set_regs(tid: int, regs: Regs) -> None:
+    """Write the general-purpose registers of a stopped tracee."""
+    _call(PTRACE_SETREGS, tid, 0, ctypes.cast(ctypes.pointer(regs), ctypes.c_void_p))
+
+
+def event_msg(tid: int) -> int:
+    """``PTRACE_GETEVENTMSG``: for a clone event, the new thread's tid."""
+    msg = ctypes.c_ulong()
+    _call(PTRACE_GETEVENTMSG, tid, 0, ctypes.cast(ctypes.pointer(msg), ctypes.c_void_p))
+    return int(msg.value)
+
+
+def tgkill(tgid: int, tid: int, sig: int) -> None:
+    """Send ``sig`` to one thread (used to re-raise a signal taken from a tracee while injecting)."""
+    if _tgkill(234, tgid, tid, sig) != 0:  # __NR_tgkill on x86-64
+        err = ctypes.get_errno()
+        if err != errno.ESRCH:
+            raise PtraceError(err, f"tgkill({tgid}, {tid}, {sig}): {os.strerror(err)}")
+
+
+def wait_tid(tid: int, nohang: bool) -> int | None:
+    """waitpid(tid, __WALL [| WNOHANG]) for one tracee thread; its status, or None if nothing is ready.
+
+    Waiting per thread (not ``waitpid(-1)``) never reaps an unrelated child of the calling process.
+    Raises ChildProcessError when ``tid`` is not (or no longer) a tracee or child.
+    """
+    got, status = os.waitpid(tid, WALL | (os.WNOHANG if nohang else 0))
+    if got == 0:
+        return None
+    return status
+
+
+def stop_event(status: int) -> int:
+    """The ``PTRACE_EVENT_*`` number in a waitpid status (0 for a plain signal stop)."""
+    return (status >> 16) & 0xFF

@@ -1,0 +1,261 @@
+"""Seizing, stopping and releasing every thread of a target (protocol B's mechanics, DESIGN.md §4).
+
+Follows research §3.1: ``PTRACE_SEIZE`` every tid of ``/proc/PID/task`` with ``PTRACE_O_TRACECLONE``,
+rescanning until a scan finds nothing new; ``PTRACE_INTERRUPT`` each; wait for each stop. A thread that
+reports a signal-delivery-stop instead keeps that signal, which is re-injected when it is released
+(``PTRACE_DETACH`` with the signal), so no signal is lost. A group-stop is left in place. Threads created
+meanwhile arrive through ``PTRACE_EVENT_CLONE`` and are stopped too. ``PTRACE_O_EXITKILL`` is never set, so
+if the tool dies the kernel detaches every thread and the target runs on (ptrace(2), "PTRACE_SEIZE").
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from ..errors import TargetError
+from . import ptrace
+from .ptrace import PtraceError, Regs
+
+GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
+ERESTART_CODES = frozenset({-512, -513, -514, -516})  # ERESTARTSYS/NOINTR/NOHAND/_RESTARTBLOCK
+STOP_TIMEOUT_S = 2.0
+SPIN_S = 0.0005
+
+
+@dataclass
+class Thread:
+    """One seized thread. ``regs`` is valid while it is stopped; ``signal`` is re-injected on release."""
+
+    tid: int
+    stopped: bool = False
+    signal: int = 0
+    group_stop: bool = False
+    regs: Regs | None = None
+    dirty: bool = False
+    extra_signals: list[int] = field(default_factory=list)  # re-raised with tgkill on release
+
+    @property
+    def in_syscall(self) -> bool:
+        """True when the thread was stopped inside a system call that the kernel will restart or finish."""
+        assert self.regs is not None
+        return self.regs.orig_rax != 0xFFFF_FFFF_FFFF_FFFF
+
+    @property
+    def restarting(self) -> bool:
+        """True when the kernel will rewind RIP by 2 to restart the syscall on resume (research §4.3)."""
+        assert self.regs is not None
+        rax = self.regs.rax - (1 << 64) if self.regs.rax >= 1 << 63 else self.regs.rax
+        return self.in_syscall and rax in ERESTART_CODES
+
+
+def list_tids(pid: int) -> list[int]:
+    """The thread ids of ``pid`` from /proc/PID/task. Raises TargetError when the process is gone."""
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:
+        raise TargetError(f"no process with PID {pid}") from None
+
+
+def _tracer_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _is_zombie(pid: int, tid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+class World:
+    """All threads of one target, seized for the lifetime of the object.
+
+    ``seize()`` attaches without stopping; ``stop()`` stops every thread and reads its registers;
+    ``resume()`` lets them run on while staying attached; ``release()`` detaches all. Use :func:`seized`.
+    Raises TargetError when the target is gone, not traceable, or a thread cannot be stopped in time.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.threads: dict[int, Thread] = {}
+
+    # -- attach -------------------------------------------------------------------------------------
+    def seize(self) -> None:
+        """Seize every thread, rescanning /proc/PID/task until a scan adds none (research §3.1)."""
+        while True:
+            new = [t for t in list_tids(self.pid) if t not in self.threads]
+            if not new:
+                break
+            for tid in new:
+                self._seize_one(tid)
+        if not self.threads:
+            raise TargetError(f"PID {self.pid} has no live thread to trace")
+
+    def seize_thread(self, tid: int) -> None:
+        """Seize one thread only (for injecting syscalls while the others run on)."""
+        self._seize_one(tid)
+        if tid not in self.threads:
+            raise TargetError(f"thread {tid} of PID {self.pid} is gone")
+
+    def _seize_one(self, tid: int) -> None:
+        try:
+            ptrace.seize(tid)
+        except PtraceError as e:
+            if e.errno == errno.ESRCH or _is_zombie(self.pid, tid):
+                return
+            if e.errno == errno.EPERM:
+                tracer = _tracer_of(self.pid)
+                if tracer and tracer != os.getpid():
+                    raise TargetError(f"PID {self.pid} is already traced by PID {tracer}") from None
+                raise TargetError(f"not permitted to trace PID {self.pid} (ptrace: Operation not permitted)") from None
+            raise TargetError(f"cannot trace thread {tid} of PID {self.pid}: {e.strerror}") from None
+        self.threads[tid] = Thread(tid)
+
+    # -- stop ---------------------------------------------------------------------------------------
+    def stop(self, tids: list[int] | None = None) -> None:
+        """Interrupt the given (default: all) seized threads and wait until each is stopped.
+
+        Newly cloned threads are stopped too. Afterwards ``/proc/PID/task`` is rescanned and any thread
+        not yet seized is seized and stopped. Raises TargetError on timeout (after releasing nothing:
+        the caller's context manager releases) or when the process exits.
+        """
+        want = list(self.threads) if tids is None else tids
+        for tid in want:
+            th = self.threads.get(tid)
+            if th is None or th.stopped:
+                continue
+            try:
+                ptrace.interrupt(tid)
+            except PtraceError as e:
+                if e.errno != errno.ESRCH:
+                    raise
+        for tid in want:
+            if tid in self.threads:
+                self._wait_stopped(tid)
+        if tids is None:
+            while True:
+                self.seize()
+                pending = [t for t, th in self.threads.items() if not th.stopped]
+                if not pending:
+                    break
+                self.stop(pending)
+        if not self.threads:
+            raise TargetError(f"PID {self.pid} exited")
+
+    def _wait_stopped(self, tid: int) -> None:
+        th = self.threads[tid]
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        spin_until = time.monotonic() + SPIN_S
+        while not th.stopped:
+            try:
+                status = ptrace.wait_tid(tid, nohang=True)
+            except ChildProcessError:
+                del self.threads[tid]
+                return
+            if status is None:
+                now = time.monotonic()
+                if now > deadline:
+                    raise TargetError(f"thread {tid} of PID {self.pid} did not stop within {STOP_TIMEOUT_S:g} s")
+                if now > spin_until:
+                    time.sleep(0.0001)
+                continue
+            self._on_status(th, status)
+
+    def _on_status(self, th: Thread, status: int) -> None:
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            del self.threads[th.tid]
+            return
+        sig = os.WSTOPSIG(status)
+        event = ptrace.stop_event(status)
+        if event == ptrace.PTRACE_EVENT_CLONE:
+            child = ptrace.event_msg(th.tid)
+            if child not in self.threads:
+                self.threads[child] = Thread(child)
+        elif event == ptrace.PTRACE_EVENT_STOP:
+            th.group_stop = sig in GROUP_STOP_SIGNALS
+        elif event == 0:
+            # signal-delivery-stop: keep the signal, re-inject it on release (research §3.1)
+            th.signal = sig
+        th.stopped = True
+        th.regs = ptrace.get_regs(th.tid)
+        th.dirty = False
+
+    # -- registers ----------------------------------------------------------------------------------
+    def set_regs(self, tid: int, regs: Regs) -> None:
+        """Replace a stopped thread's registers; written back when it is resumed or released."""
+        th = self.threads[tid]
+        th.regs = regs
+        th.dirty = True
+
+    def stopped_threads(self) -> Iterator[Thread]:
+        """Every thread currently stopped (all of them after :meth:`stop`)."""
+        return (th for th in self.threads.values() if th.stopped)
+
+    # -- release ------------------------------------------------------------------------------------
+    def _flush(self, th: Thread) -> None:
+        if th.dirty and th.regs is not None:
+            ptrace.set_regs(th.tid, th.regs)
+            th.dirty = False
+
+    def resume(self) -> None:
+        """Let every stopped thread run on, still seized; pending signals are delivered now."""
+        for th in list(self.threads.values()):
+            if not th.stopped:
+                continue
+            try:
+                self._flush(th)
+                ptrace.cont(th.tid, th.signal)
+            except PtraceError as e:
+                if e.errno != errno.ESRCH:
+                    raise
+            self._after_release(th)
+            th.stopped = False
+
+    def release(self) -> None:
+        """Detach from every thread, delivering kept signals; never raises for threads that vanished."""
+        for th in list(self.threads.values()):
+            try:
+                if th.stopped:
+                    self._flush(th)
+                    ptrace.detach(th.tid, th.signal)
+                else:
+                    # a running tracee must be stopped before PTRACE_DETACH
+                    ptrace.interrupt(th.tid)
+                    self._wait_stopped(th.tid)
+                    if th.tid in self.threads:
+                        ptrace.detach(th.tid, th.signal)
+            except (PtraceError, TargetError):
+                pass
+            self._after_release(th)
+        self.threads.clear()
+
+    def _after_release(self, th: Thread) -> None:
+        for sig in th.extra_signals:
+            ptrace.tgkill(self.pid, th.tid, sig)
+        th.extra_signals.clear()
+        th.signal = 0
+
+
+@contextmanager
+def seized(pid: int) -> Iterator[World]:
+    """Seize every thread of ``pid`` for the ``with`` block; always release them at its end."""
+    world = World(pid)
+    try:
+        world.seize()
+        yield world
+    finally:
+        world.release()

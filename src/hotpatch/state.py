@@ -1,0 +1,187 @@
+"""The record of applied patches, kept inside the target (DESIGN.md §2 "state", §6 invariant 5).
+
+The record lives in a shared memfd mapping named ``hotpatch-state`` (``/memfd:hotpatch-state (deleted)`` in
+``/proc/PID/maps``), created by injected raw syscalls on the first apply. It holds a header and two slots of
+JSON; a writer fills the inactive slot and then flips the one-byte slot index with a single ``pwrite``, so a
+tool killed at any moment leaves either the old or the new record, never a torn one.
+
+The record says which sites each patch owns with their original and new bytes; whether a patch is in force
+is always decided by comparing those bytes with the target's code (:func:`site_status`), so ``status`` tells
+the truth even after the tool was killed between writing code and updating the record.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import StateError, TargetError
+from .process.maps import Mapping
+from .process.memory import Memory
+from .process.remote import (
+    MAP_SHARED,
+    MFD_CLOEXEC,
+    PROT_READ,
+    PROT_WRITE,
+    SYS_CLOSE,
+    SYS_FTRUNCATE,
+    SYS_MEMFD_CREATE,
+    SYS_MMAP,
+    SYS_MUNMAP,
+    Injector,
+)
+
+NAME = b"hotpatch-state"
+MAGIC = b"HPSTATE1"
+SIZE = 1 << 20
+HEADER = 4096
+SLOT_SIZE = (SIZE - HEADER) // 2
+ACTIVE_OFFSET = len(MAGIC)
+
+
+@dataclass
+class SiteRecord:
+    """One redirected site: function ``symbol`` at ``entry``; the jump at ``site`` (entry or entry+4);
+    ``original``/``new``: hex bytes there before/after; ``replacement`` and ``trampoline`` addresses;
+    ``klass`` and ``protocol`` as DESIGN.md §4 names them."""
+
+    symbol: str
+    entry: int
+    site: int
+    original: str
+    new: str
+    replacement: int
+    trampoline: int
+    klass: str = "ordinary"
+    protocol: str = "B"
+
+
+@dataclass
+class PatchRecord:
+    """An applied patch: identity, target module, when (UTC ISO 8601), memory regions ``[addr, size]``
+    mapped for it, and its sites."""
+
+    name: str
+    version: int
+    build_id: str
+    module: str
+    applied_at: str
+    regions: list[list[int]]
+    sites: list[SiteRecord]
+
+    @staticmethod
+    def from_dict(doc: dict[str, Any]) -> PatchRecord:
+        """Inverse of ``dataclasses.asdict``."""
+        return PatchRecord(**{**doc, "sites": [SiteRecord(**s) for s in doc["sites"]]})
+
+
+@dataclass
+class Record:
+    """The whole record: ``patches`` in force (or pending), and ``retired`` regions of reverted or replaced
+    patches still mapped because a thread might be executing in them."""
+
+    patches: list[PatchRecord] = field(default_factory=list)
+    retired: list[list[int]] = field(default_factory=list)
+
+    def find(self, name: str) -> PatchRecord | None:
+        """The patch record called ``name``, or None."""
+        return next((p for p in self.patches if p.name == name), None)
+
+    def to_json(self) -> bytes:
+        """Serialise for a slot."""
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @staticmethod
+    def from_json(raw: bytes) -> Record:
+        """Parse a slot; raises StateError when it is damaged."""
+        try:
+            doc = json.loads(raw)
+            return Record([PatchRecord.from_dict(p) for p in doc["patches"]], [list(r) for r in doc["retired"]])
+        except (ValueError, KeyError, TypeError) as e:
+            raise StateError(f"the hotpatch record inside the target is damaged ({e})") from None
+
+
+def find_region(maps: list[Mapping]) -> int | None:
+    """Address of the state mapping in ``maps``, or None when no patch was ever applied."""
+    for m in maps:
+        if m.path.startswith("/memfd:" + NAME.decode()):
+            return m.start
+    return None
+
+
+def read(mem: Memory, addr: int | None) -> Record:
+    """Read the record at ``addr`` (None: an empty record). Raises StateError when damaged."""
+    if addr is None:
+        return Record()
+    header = mem.read(addr, HEADER)
+    if header[: len(MAGIC)] == bytes(len(MAGIC)):
+        return Record()  # created but never written
+    if header[: len(MAGIC)] != MAGIC:
+        raise StateError("the hotpatch record inside the target has a bad header")
+    slot = header[ACTIVE_OFFSET] & 1
+    base = addr + HEADER + slot * SLOT_SIZE
+    (length,) = struct.unpack("<I", mem.read(base, 4))
+    if length > SLOT_SIZE - 4:
+        raise StateError("the hotpatch record inside the target is damaged (bad length)")
+    return Record.from_json(mem.read(base + 4, length))
+
+
+def write(mem: Memory, addr: int, record: Record) -> None:
+    """Write ``record``: fill the inactive slot, then flip the active index with a 1-byte write.
+
+    Raises StateError when the record does not fit in a slot (~510 KiB of JSON).
+    """
+    raw = record.to_json()
+    if len(raw) > SLOT_SIZE - 4:
+        raise StateError("too many patches applied: the record inside the target is full")
+    header = mem.read(addr, len(MAGIC) + 1)
+    active = header[ACTIVE_OFFSET] & 1 if header[: len(MAGIC)] == MAGIC else 1
+    slot = active ^ 1
+    mem.write(addr + HEADER + slot * SLOT_SIZE, struct.pack("<I", len(raw)) + raw)
+    if header[: len(MAGIC)] != MAGIC:
+        mem.write(addr, MAGIC)
+    mem.write(addr + ACTIVE_OFFSET, bytes([slot]))
+
+
+def create(inject: Injector, mem: Memory, scratch: int) -> int:
+    """Create the state mapping in the target with injected syscalls; returns its address.
+
+    ``scratch`` is a writable address in the target where the memfd's name is placed (the caller's freshly
+    mapped, not yet used, patch region). The memfd is closed after mapping, so no descriptor is left behind.
+    Raises TargetError when the kernel refuses (memfd_create needs Linux >= 3.17).
+    """
+    mem.write(scratch, NAME + b"\0")
+    try:
+        fd = inject(SYS_MEMFD_CREATE, scratch, MFD_CLOEXEC)
+    except OSError as e:
+        raise TargetError(f"cannot create the hotpatch record in the target: memfd_create: {e.strerror}") from None
+    try:
+        inject(SYS_FTRUNCATE, fd, SIZE)
+        addr = inject(SYS_MMAP, 0, SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+    except OSError as e:
+        raise TargetError(f"cannot map the hotpatch record in the target: {e.strerror}") from None
+    finally:
+        inject(SYS_CLOSE, fd)
+    return addr
+
+
+def destroy(inject: Injector, addr: int) -> None:
+    """Unmap the state mapping (used when the last patch is gone and nothing is retired)."""
+    inject(SYS_MUNMAP, addr, SIZE)
+
+
+def site_status(mem: Memory, patch: PatchRecord) -> str:
+    """``applied`` when every site holds its new bytes, ``reverted`` when every site holds its original
+    bytes, ``partial`` otherwise (only after the tool died between two site writes)."""
+    states = set()
+    for s in patch.sites:
+        new = bytes.fromhex(s.new)
+        now = mem.read(s.site, len(new))
+        states.add("applied" if now == new else "reverted" if now == bytes.fromhex(s.original) else "x")
+    if states == {"applied"}:
+        return "applied"
+    if states == {"reverted"}:
+        return "reverted"
+    return "partial"

@@ -1,0 +1,96 @@
+"""Site analysis: which instructions a 5-byte ``jmp rel32`` at a function's entry overwrites, and whether
+that is safe.
+
+Rules (DESIGN.md §4 "ordinary" sites and §5 "Prologues"; research §3.3 and §6):
+
+* A function that starts with ``endbr64`` is patched just after it, so the entry keeps its landing pad for
+  indirect branches (CET IBT, research §6).
+* The overwritten instructions are the whole instructions that cover 5 bytes from the site.
+* Refused: a function shorter than site + 5 bytes (the jump would corrupt the next one); an instruction that
+  does not decode; a ``call`` among the overwritten instructions (a thread inside the callee would return into
+  the middle of the jump); a direct branch anywhere in the function whose target lies strictly inside the
+  overwritten bytes; ``xbegin`` (transactional aborts land at a relative address).
+
+Indirect branches through jump tables cannot be seen by a linear sweep; gcc does not emit jump-table targets in
+the first bytes of a function, and DESIGN.md measured 0.1–0.4% of functions with any branch target there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import iced_x86 as iced
+
+from ..errors import SiteError
+from .encode import ENDBR64, JMP_REL32_LEN
+
+_BRANCHY = {iced.FlowControl.CONDITIONAL_BRANCH, iced.FlowControl.UNCONDITIONAL_BRANCH, iced.FlowControl.CALL}
+_CALLS = {iced.FlowControl.CALL, iced.FlowControl.INDIRECT_CALL}
+
+
+@dataclass(frozen=True)
+class Prologue:
+    """The analysed start of one function.
+
+    ``entry``: the function's address; ``site``: where the jump goes (entry, or entry+4 after ``endbr64``);
+    ``length``: bytes of the whole instructions overwritten (>= 5); ``original``: those bytes;
+    ``instructions``: the decoded overwritten instructions, at their real addresses.
+    """
+
+    entry: int
+    site: int
+    length: int
+    original: bytes
+    instructions: tuple[iced.Instruction, ...]
+
+    @property
+    def endbr(self) -> bool:
+        """True when the function starts with ``endbr64`` and the site follows it."""
+        return self.site != self.entry
+
+
+def analyze(symbol: str, entry: int, code: bytes) -> Prologue:
+    """Analyse the function ``symbol`` whose bytes ``code`` (its whole body) live at address ``entry``.
+
+    Raises SiteError naming the symbol and the reason when the site cannot be patched safely.
+    """
+    site_off = len(ENDBR64) if code.startswith(ENDBR64) else 0
+    if len(code) < site_off + JMP_REL32_LEN:
+        raise SiteError(
+            f"{symbol} is {len(code)} bytes long, too short for a {JMP_REL32_LEN}-byte jump"
+            + (" after endbr64" if site_off else "")
+        )
+    site = entry + site_off
+    decoder = iced.Decoder(64, code[site_off:], ip=site)
+    covered: list[iced.Instruction] = []
+    length = 0
+    while length < JMP_REL32_LEN:
+        ins = decoder.decode()
+        if ins.code == iced.Code.INVALID:
+            raise SiteError(f"{symbol}: invalid instruction at {site + length:#x}")
+        if ins.flow_control in _CALLS:
+            raise SiteError(f"{symbol}: a call at {ins.ip:#x} lies in the first {JMP_REL32_LEN} bytes")
+        if ins.flow_control == iced.FlowControl.XBEGIN_XABORT_XEND:
+            raise SiteError(f"{symbol}: a transactional-memory instruction lies in the first bytes")
+        covered.append(ins)
+        length += ins.len
+    if site_off + length > len(code):
+        raise SiteError(f"{symbol}: its first instructions run past the end of the function")
+    _check_branch_targets(symbol, entry, code, site, length)
+    return Prologue(entry, site, length, code[site_off : site_off + length], tuple(covered))
+
+
+def _check_branch_targets(symbol: str, entry: int, code: bytes, site: int, length: int) -> None:
+    """Refuse when a direct branch of the function lands strictly inside ``(site, site + length)``."""
+    for ins in iced.Decoder(64, code, ip=entry):
+        if ins.flow_control in _BRANCHY and ins.op0_kind in (
+            iced.OpKind.NEAR_BRANCH16,
+            iced.OpKind.NEAR_BRANCH32,
+            iced.OpKind.NEAR_BRANCH64,
+        ):
+            target = ins.near_branch_target
+            if site < target < site + length:
+                raise SiteError(
+                    f"{symbol}: the instruction at {ins.ip:#x} branches to {target:#x}, inside the "
+                    f"{length} bytes the jump would overwrite"
+                )

@@ -1,0 +1,51 @@
+"""Trampolines: the overwritten instructions relocated elsewhere, plus a jump back (DESIGN.md §2).
+
+Each instruction is re-encoded by iced-x86's BlockEncoder at its new address, which fixes RIP-relative operands
+and relative branches (a short ``jcc`` becomes a near one when needed; DESIGN.md §7). Encoding them one at a time
+gives the map from every original instruction boundary to its trampoline address, which moves a stopped
+thread's RIP out of the overwritten bytes (Detours' ``detour_align_from_target``; research §3.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import iced_x86 as iced
+
+from ..errors import SiteError
+from .encode import ENDBR64, jmp_rel32
+from .prologue import Prologue
+
+MAX_TRAMPOLINE = 64  # bytes reserved per trampoline: endbr64 + up to 15-byte insns grown + jmp
+
+
+@dataclass(frozen=True)
+class Trampoline:
+    """Relocated code for one site. ``address``: where it is placed (its entry, called by
+    ``HOTPATCH_ORIGINAL``); ``code``: its bytes; ``rip_map``: original address -> trampoline address for every
+    instruction boundary in ``[site, site + length]`` (the last one maps to the jump back)."""
+
+    address: int
+    code: bytes
+    rip_map: dict[int, int]
+
+
+def build(prologue: Prologue, address: int) -> Trampoline:
+    """Relocate ``prologue`` to ``address``. Raises SiteError when an instruction cannot be re-encoded
+    (e.g. a RIP-relative operand out of ±2 GiB reach of ``address``)."""
+    out = bytearray(ENDBR64 if prologue.endbr else b"")
+    rip_map: dict[int, int] = {}
+    for ins in prologue.instructions:
+        rip_map[ins.ip] = address + len(out)
+        enc = iced.BlockEncoder(64)
+        enc.add(ins)
+        try:
+            out += enc.encode(address + len(out))
+        except ValueError as e:
+            raise SiteError(f"cannot relocate '{ins}' at {ins.ip:#x} into a trampoline: {e}") from None
+    end = prologue.site + prologue.length
+    rip_map[end] = address + len(out)
+    out += jmp_rel32(address + len(out), end)
+    if len(out) > MAX_TRAMPOLINE:
+        raise SiteError(f"the trampoline for the site at {prologue.site:#x} would be {len(out)} bytes")
+    return Trampoline(address, bytes(out), rip_map)
