@@ -1,0 +1,114 @@
+"""Shared fixtures: build C/C++ programs with gcc at test time, start them, and always reap them.
+
+Every process a test starts goes through ``procs.start``; at teardown each one still alive is killed by PID
+(SIGKILL) and waited for, whether the test passed or failed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+TARGETS = Path(__file__).parent / "targets"
+
+
+def compile_program(src: Path, out: Path, *flags: str, shared: bool = False) -> Path:
+    """Compile ``src`` (C or C++) with gcc/g++ into ``out``; fail the test with the compiler's message."""
+    cxx = src.suffix in (".cc", ".cpp")
+    cmd = ["g++" if cxx else "gcc", "-O2", "-g0", "-pthread", *flags]
+    if shared:
+        cmd += ["-shared", "-fPIC"]
+    cmd += [str(src), "-o", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr}"
+    return out
+
+
+class Procs:
+    """Starts processes and reaps them all at teardown."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *argv: str | Path, **kw: object) -> subprocess.Popen[bytes]:
+        """Start ``argv`` with stdout piped (unless overridden); registered for reaping."""
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+        p = subprocess.Popen([str(a) for a in argv], **kw)  # type: ignore[call-overload]
+        self.started.append(p)
+        return p
+
+    def reap(self) -> None:
+        """Kill (by PID) and wait for every started process still running."""
+        for p in self.started:
+            if p.poll() is None:
+                try:
+                    os.kill(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            for stream in (p.stdout, p.stderr, p.stdin):
+                if stream is not None:
+                    stream.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[Procs]:
+    """Start processes for one test; all are killed and reaped afterwards."""
+    ps = Procs()
+    try:
+        yield ps
+    finally:
+        ps.reap()
+
+
+def run_cli(*args: str | Path, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m hotpatch ARGS`` and return the completed process (text output)."""
+    return subprocess.run([sys.executable, "-m", "hotpatch", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, check=False, **kw)  # type: ignore[call-overload]
+
+
+def wait_for_line(proc: subprocess.Popen[bytes], predicate: object, timeout: float = 10.0) -> str:
+    """Read ``proc``'s stdout lines until ``predicate(line)`` holds; return that line."""
+    assert proc.stdout is not None
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline().decode(errors="replace")
+        if not line:
+            raise AssertionError(f"process {proc.pid} closed its output (exit {proc.poll()})")
+        if predicate(line):
+            return line
+    raise AssertionError(f"no expected line from process {proc.pid} within {timeout} s")
+
+
+def thread_states(pid: int) -> list[str]:
+    """The scheduler state letter of every thread of ``pid`` (e.g. R, S, T, t)."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                out.append(f.read().rsplit(")", 1)[1].split()[0])
+        except OSError:
+            pass
+    return out
+
+
+def assert_running(pid: int) -> None:
+    """The target is alive, not a zombie, no thread stopped or traced, and has no tracer."""
+    assert os.path.exists(f"/proc/{pid}"), f"PID {pid} is gone"
+    states = thread_states(pid)
+    assert states and not any(s in "TtZX" for s in states), f"PID {pid} thread states {states}"
+    with open(f"/proc/{pid}/status") as f:
+        tracer = next(line for line in f if line.startswith("TracerPid:")).split()[1]
+    assert tracer == "0", f"PID {pid} is still traced by {tracer}"
