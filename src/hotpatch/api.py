@@ -186,7 +186,11 @@ class Target:
         for p in record.patches:
             out.append(
                 PatchStatus(
-                    p.name, p.version, p.module, p.applied_at, statemod.site_status(self.mem, p),
+                    p.name,
+                    p.version,
+                    p.module,
+                    p.applied_at,
+                    statemod.site_status(self.mem, p),
                     tuple(SiteStatus(s.symbol, s.entry, s.site, s.klass, s.protocol) for s in p.sites),
                 )
             )
@@ -246,8 +250,12 @@ class Target:
                 regions=[[region, layout.size]],
                 sites=[
                     SiteRecord(
-                        symbol=s.plan.function.symbol, entry=s.plan.prologue.entry, site=s.plan.prologue.site,
-                        original=s.plan.original.hex(), new=s.new.hex(), replacement=s.replacement,
+                        symbol=s.plan.function.symbol,
+                        entry=s.plan.prologue.entry,
+                        site=s.plan.prologue.site,
+                        original=s.plan.original.hex(),
+                        new=s.new.hex(),
+                        replacement=s.replacement,
                         trampoline=s.trampoline.address,
                     )
                     for s in placed
@@ -257,11 +265,16 @@ class Target:
             txn = Transaction(self.pid, self.mem)
             for s in placed:
                 pro = s.plan.prologue
-                txn.add(SiteChange(
-                    address=pro.site, expected=s.plan.current, new=s.new, label=s.plan.function.symbol,
-                    span=0 if s.plan.upgrading else pro.length,
-                    rip_map={} if s.plan.upgrading else s.trampoline.rip_map,
-                ))
+                txn.add(
+                    SiteChange(
+                        address=pro.site,
+                        expected=s.plan.current,
+                        new=s.new,
+                        label=s.plan.function.symbol,
+                        span=0 if s.plan.upgrading else pro.length,
+                        rip_map={} if s.plan.upgrading else s.trampoline.rip_map,
+                    )
+                )
             try:
                 commit = txn.commit()
             except BaseException:
@@ -291,8 +304,9 @@ class Target:
         with self._injector(maps) as inject:
             for region in candidates[:16]:
                 tramp_area = region + layout.span
-                placed = place(plans, {s.name: region - layout.min_vaddr + s.value
-                                       for s in pf.symbols.values()}, tramp_area)
+                placed = place(
+                    plans, {s.name: region - layout.min_vaddr + s.value for s in pf.symbols.values()}, tramp_area
+                )
                 originals = {s.plan.function.symbol: s.trampoline.address for s in placed}
                 img = load(pf, layout, region, resolve, originals)
                 try:
@@ -306,9 +320,10 @@ class Target:
                         state_addr = statemod.create(inject, self.mem, region)
                     tramps = b"".join(s.trampoline.code.ljust(MAX_TRAMPOLINE, b"\xcc") for s in placed)
                     self.mem.write(region, img.image + tramps)
-                    for addr, size, prot in [*img.protections,
-                                             (tramp_area, layout.size - layout.span,
-                                              remote.PROT_READ | remote.PROT_EXEC)]:
+                    for addr, size, prot in [
+                        *img.protections,
+                        (tramp_area, layout.size - layout.span, remote.PROT_READ | remote.PROT_EXEC),
+                    ]:
                         inject(remote.SYS_MPROTECT, addr, size, prot)
                 except BaseException:
                     inject(remote.SYS_MUNMAP, region, layout.size)
@@ -351,8 +366,9 @@ class Target:
             commit = txn.commit(watch=regions)
             assert state_addr is not None
             kept = self._unmap_free(regions, commit.busy, maps)
-            statemod.write(self.mem, state_addr,
-                           Record([p for p in record.patches if p not in victims], [list(r) for r in kept]))
+            statemod.write(
+                self.mem, state_addr, Record([p for p in record.patches if p not in victims], [list(r) for r in kept])
+            )
         reports = []
         for p in victims:
             rep = self._report(p, commit)
@@ -360,8 +376,9 @@ class Target:
             reports.append(rep)
         return reports
 
-    def _unmap_free(self, regions: list[tuple[int, int]], busy: set[tuple[int, int]],
-                    maps: list[Mapping]) -> list[tuple[int, int]]:
+    def _unmap_free(
+        self, regions: list[tuple[int, int]], busy: set[tuple[int, int]], maps: list[Mapping]
+    ) -> list[tuple[int, int]]:
         free = [r for r in regions if r not in busy]
         if free:
             with self._injector(maps) as inject:
@@ -399,8 +416,14 @@ class Target:
         return fixed
 
     def _report(self, rec: PatchRecord, commit: CommitReport) -> Report:
-        return Report(rec.name, rec.version, [(s.symbol, s.site) for s in rec.sites], commit.pause_us,
-                      commit.threads, commit.moved)
+        return Report(
+            rec.name,
+            rec.version,
+            [(s.symbol, s.site) for s in rec.sites],
+            commit.pause_us,
+            commit.threads,
+            commit.moved,
+        )
 
 
 def attach(pid: int) -> Target:

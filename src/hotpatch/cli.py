@@ -37,7 +37,7 @@ def guarded(fn: F) -> F:
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
-        except Exception as e:  # noqa: BLE001 - the promise is one line, never a traceback
+        except Exception as e:
             if os.environ.get("HOTPATCH_DEBUG"):
                 raise
             _fail(f"internal error: {type(e).__name__}: {e}", 3)
@@ -55,12 +55,23 @@ def main() -> None:
 
 @main.command()
 @click.argument("sources", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--target", "target", required=True, type=click.Path(dir_okay=False),
-              help="The program or library file whose functions the sources replace.")
+@click.option(
+    "--target",
+    "target",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The program or library file whose functions the sources replace.",
+)
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Patch file to write.")
 @click.option("--name", help="Patch name (default: the output file's name).")
-@click.option("--version", "version", type=click.IntRange(min=0), default=1, show_default=True,
-              help="Integer version; a newer version replaces an older one.")
+@click.option(
+    "--version",
+    "version",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Integer version; a newer version replaces an older one.",
+)
 @guarded
 def build(sources: tuple[str, ...], target: str, out: str, name: str | None, version: int) -> None:
     """Compile SOURCES into one patch file for TARGET."""
@@ -68,8 +79,10 @@ def build(sources: tuple[str, ...], target: str, out: str, name: str | None, ver
 
     res = do_build(list(sources), target, out, name=name, version=version)
     m = res.manifest
-    click.echo(f"built {out}: patch {m.name} version {m.version} for {m.file} (build-id {m.build_id[:12]}…), "
-               f"replaces {', '.join(f.symbol for f in m.functions)}")
+    click.echo(
+        f"built {out}: patch {m.name} version {m.version} for {m.file} (build-id {m.build_id[:12]}…), "
+        f"replaces {', '.join(f.symbol for f in m.functions)}"
+    )
 
 
 @main.command()
@@ -85,9 +98,11 @@ def apply(pid: int, patch: str) -> None:
     with attach(pid) as target:
         rep = target.apply(pf)
     what = f"upgraded from version {rep.replaced_version}" if rep.replaced_version is not None else "applied"
-    click.echo(f"{what}: patch {rep.name} version {rep.version} to PID {pid}: "
-               + ", ".join(f"{sym} at {addr:#x}" for sym, addr in rep.sites)
-               + f" ({rep.threads} threads stopped for {rep.pause_us:.0f} µs)")
+    click.echo(
+        f"{what}: patch {rep.name} version {rep.version} to PID {pid}: "
+        + ", ".join(f"{sym} at {addr:#x}" for sym, addr in rep.sites)
+        + f" ({rep.threads} threads stopped for {rep.pause_us:.0f} µs)"
+    )
 
 
 @main.command()
@@ -107,8 +122,10 @@ def revert(pid: int, name: str | None, all_: bool) -> None:
         click.echo(f"no patch is applied to PID {pid}")
     for rep in reps:
         kept = f"; its memory is kept while threads may run in it ({len(rep.retained)} region)" if rep.retained else ""
-        click.echo(f"reverted: patch {rep.name} version {rep.version} in PID {pid} "
-                   f"({rep.threads} threads stopped for {rep.pause_us:.0f} µs){kept}")
+        click.echo(
+            f"reverted: patch {rep.name} version {rep.version} in PID {pid} "
+            f"({rep.threads} threads stopped for {rep.pause_us:.0f} µs){kept}"
+        )
 
 
 @main.command()

@@ -90,17 +90,21 @@ class ModuleSet:
 
         Raises MismatchError when no mapped module has that build-id (another build of the program).
         """
-        ordered = sorted(self.modules, key=lambda mod: os.path.basename(mod.path.removesuffix(" (deleted)")) != file_name)
+
+        def named(mod: Module) -> bool:
+            return os.path.basename(mod.path.removesuffix(" (deleted)")) == file_name
+
+        ordered = sorted(self.modules, key=lambda mod: not named(mod))
         for mod in ordered:
             try:
                 if mod.image.build_id == build_id:
                     return mod
             except HotpatchError:
                 continue
-        named = [mod.path for mod in self.modules if os.path.basename(mod.path) == file_name]
-        if named:
+        same_name = [mod.path for mod in self.modules if named(mod)]
+        if same_name:
             raise MismatchError(
-                f"the patch is for another build of {file_name}: PID {self.pid} maps {named[0]} "
+                f"the patch is for another build of {file_name}: PID {self.pid} maps {same_name[0]} "
                 f"with a different build-id (patch wants {build_id})"
             )
         raise MismatchError(f"PID {self.pid} has no module with build-id {build_id} ({file_name} is not loaded)")
@@ -122,8 +126,10 @@ class ModuleSet:
             if sym.kind == "ifunc":
                 return self._bound_ifunc(name, mod, read_word)
             return mod.bias + sym.value
-        raise SymbolError(f"symbol {name} is not defined in PID {self.pid} (looked in {first.path} and "
-                          f"{len(self.modules) - 1} other modules)")
+        raise SymbolError(
+            f"symbol {name} is not defined in PID {self.pid} (looked in {first.path} and "
+            f"{len(self.modules) - 1} other modules)"
+        )
 
     def _bound_ifunc(self, name: str, definer: Module, read_word: Callable[[int], int]) -> int:
         """The implementation of IFUNC ``name`` that ld.so chose in this target: the value of a GOT slot

@@ -14,7 +14,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 from .errors import HotpatchError, MismatchError, SiteError
@@ -88,6 +88,7 @@ class Transaction:
         """Apply every queued change under protocol B. Raises MismatchError when a site's bytes differ from
         the expected ones (nothing written), TargetError when the target cannot be stopped or exits."""
         report = CommitReport()
+        maps = read_maps(self.pid) if watch else []
         world = World(self.pid)
         with _signals_blocked():
             try:
@@ -105,7 +106,7 @@ class Transaction:
                     world.set_regs(th.tid, regs)
                 report.moved = len(moves)
                 if watch:
-                    report.busy = self._busy(world, watch)
+                    report.busy = self._busy(world, watch, maps)
             finally:
                 world.release()
                 if report.threads:
@@ -133,8 +134,10 @@ class Transaction:
                 if not (inside or rewound):
                     continue
                 if rip not in c.rip_map:
-                    raise SiteError(f"{c.label}: thread {th.tid} is stopped at {rip:#x}, not on an instruction "
-                                    "boundary of the overwritten bytes")
+                    raise SiteError(
+                        f"{c.label}: thread {th.tid} is stopped at {rip:#x}, not on an instruction "
+                        "boundary of the overwritten bytes"
+                    )
                 moves.append((th, c.rip_map[rip]))
         return moves
 
@@ -146,15 +149,13 @@ class Transaction:
                 written.append(c)
         except HotpatchError:
             for c in reversed(written):
-                try:
+                with suppress(HotpatchError):
                     self.mem.write(c.address, c.expected)
-                except HotpatchError:
-                    pass
             raise
 
-    def _busy(self, world: World, watch: Sequence[tuple[int, int]]) -> set[tuple[int, int]]:
-        """Regions of ``watch`` that a stopped thread's RIP or a word of its stack points into."""
-        maps = read_maps(self.pid)
+    def _busy(self, world: World, watch: Sequence[tuple[int, int]], maps: list[Mapping]) -> set[tuple[int, int]]:
+        """Regions of ``watch`` that a stopped thread's RIP or a word of its stack points into (``maps``
+        read just before the stop locates each stack)."""
         busy: set[tuple[int, int]] = set()
         for th in world.stopped_threads():
             assert th.regs is not None
@@ -181,4 +182,3 @@ def scan_busy(pid: int, mem: Memory, watch: Sequence[tuple[int, int]]) -> Commit
     if not watch:
         return CommitReport()
     return Transaction(pid, mem).commit(watch)
-

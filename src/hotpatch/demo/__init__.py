@@ -45,8 +45,9 @@ class _Tail:
 
 
 def _compile(src: Path, out: Path) -> None:
-    res = subprocess.run(["g++", "-O2", "-pthread", "-std=c++17", str(src), "-o", str(out)],
-                         capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        ["g++", "-O2", "-pthread", "-std=c++17", str(src), "-o", str(out)], capture_output=True, text=True, check=False
+    )
     if res.returncode != 0:
         raise HotpatchError(f"compiling the demo program failed: {res.stderr.strip().splitlines()[:1]}")
 
@@ -80,14 +81,17 @@ def run(seconds: float, echo: Callable[[str], None]) -> None:
             with attach(proc.pid) as target:
                 echo(f"[demo] hotpatch apply --pid {proc.pid} {patch.name}")
                 rep = target.apply(str(patch))
-                echo(f"[demo]   applied: {len(rep.sites)} sites, {rep.threads} threads stopped for "
-                     f"{rep.pause_us:.0f} µs")
+                echo(
+                    f"[demo]   applied: {len(rep.sites)} sites, {rep.threads} threads stopped for {rep.pause_us:.0f} µs"
+                )
                 mark = len(tail.lines)
                 time.sleep(seconds)
                 _expect(tail.since(mark), PATCHED, "after apply")
                 for p in target.status().patches:
-                    echo(f"[demo] hotpatch status --pid {proc.pid}: {p.name} version {p.version} {p.state}, "
-                         + ", ".join(f"{s.symbol} at {s.site:#x}" for s in p.sites))
+                    echo(
+                        f"[demo] hotpatch status --pid {proc.pid}: {p.name} version {p.version} {p.state}, "
+                        + ", ".join(f"{s.symbol} at {s.site:#x}" for s in p.sites)
+                    )
                 echo(f"[demo] hotpatch revert --pid {proc.pid} demo-fix")
                 target.revert("demo-fix")
                 mark = len(tail.lines)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from ..elf.image import open_elf
+from ..elf.image import ElfImage, open_elf
 from ..errors import BuildError, HotpatchError
 from ..x86 import prologue
 from .bundle import PatchBinary
@@ -25,8 +25,14 @@ from .manifest import SECTION, Function, Manifest
 
 CXX_SUFFIXES = {".cc", ".cpp", ".cxx", ".C", ".c++"}
 COMPILE_FLAGS = ["-fPIC", "-O2", "-fno-plt", "-fvisibility=default", "-Wall"]
-LINK_FLAGS = ["-shared", "-nostartfiles", "-Wl,-z,now", "-Wl,-z,noexecstack", "-Wl,--hash-style=gnu",
-              "-Wl,--build-id=sha1"]
+LINK_FLAGS = [
+    "-shared",
+    "-nostartfiles",
+    "-Wl,-z,now",
+    "-Wl,-z,noexecstack",
+    "-Wl,--hash-style=gnu",
+    "-Wl,--build-id=sha1",
+]
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,7 @@ def build(
     pname = name or Path(out).name.split(".")[0]
     tgt = open_elf(target, "target file")
     try:
-        if tgt.machine != "EM_X86_64":
+        if tgt.machine != "x86_64" or tgt.elfclass != 64:
             raise BuildError(f"target file {target} is {tgt.machine}, hotpatch build supports x86_64 targets")
         build_id = tgt.build_id
         if build_id is None:
@@ -101,8 +107,18 @@ def build(
             mpath = os.path.join(tmp, "manifest.json")
             Path(mpath).write_bytes(manifest.to_json())
             final = os.path.join(tmp, "patch.so")
-            _run(["objcopy", "--add-section", f"{SECTION}={mpath}",
-                  "--set-section-flags", f"{SECTION}=readonly,contents", so, final], "objcopy")
+            _run(
+                [
+                    "objcopy",
+                    "--add-section",
+                    f"{SECTION}={mpath}",
+                    "--set-section-flags",
+                    f"{SECTION}=readonly,contents",
+                    so,
+                    final,
+                ],
+                "objcopy",
+            )
             shutil.copyfile(final, out)
     finally:
         tgt.close()
@@ -115,18 +131,14 @@ def _compile_and_link(sources: list[str], tmp: str, extra: list[str]) -> str:
     for i, src in enumerate(sources):
         compiler = "g++" if Path(src).suffix in CXX_SUFFIXES else "gcc"
         obj = os.path.join(tmp, f"{i}.o")
-        _run([compiler, *COMPILE_FLAGS, "-I", include_dir(), *extra, "-c", src, "-o", obj],
-             f"compiling {src}")
+        _run([compiler, *COMPILE_FLAGS, "-I", include_dir(), *extra, "-c", src, "-o", obj], f"compiling {src}")
         objs.append(obj)
     so = os.path.join(tmp, "patch-code.so")
     _run(["g++" if cxx else "gcc", *LINK_FLAGS, "-o", so, *objs, "-lgcc"], "linking the patch")
     return so
 
 
-def _replaced_functions(binary: PatchBinary, tgt_image: object, target: str) -> tuple[Function, ...]:
-    from ..elf.image import ElfImage
-
-    assert isinstance(tgt_image, ElfImage)
+def _replaced_functions(binary: PatchBinary, tgt_image: ElfImage, target: str) -> tuple[Function, ...]:
     target_funcs = tgt_image.function_symbols()
     out = []
     for sym in sorted(binary.symbols.values(), key=lambda s: s.name):

@@ -8,14 +8,9 @@ applies (DESIGN.md §5 "Deadlock": RELATIVE, GLOB_DAT, JUMP_SLOT, 64; System V x
 from __future__ import annotations
 
 import hashlib
-import io
-import struct
 from dataclasses import dataclass
-from typing import Any
 
-from elftools.common.exceptions import ELFError, ELFParseError
-
-from ..elf.image import ElfImage, Symbol, _symbol
+from ..elf.image import ET_DYN, PT_GNU_RELRO, STB_WEAK, ElfImage, Symbol
 from ..errors import PatchFileError
 from .manifest import SECTION, Manifest
 
@@ -67,72 +62,51 @@ class PatchBinary:
     def __init__(self, data: bytes, where: str) -> None:
         self.where = where
         self.data = data
-        try:
-            self.image = ElfImage(io.BytesIO(data), where)
-            self._parse()
-        except PatchFileError:
-            raise
-        except (ELFError, ELFParseError, struct.error, ValueError, EOFError, KeyError, AttributeError, TypeError) as e:
-            raise PatchFileError(f"{where} is corrupt or truncated ({type(e).__name__}: {e})") from None
-
-    def _parse(self) -> None:
+        self.image = ElfImage(data, where)
         img = self.image
-        if img.machine != "EM_X86_64" or img.elfclass != 64:
-            arch = {"EM_386": "i386", "EM_AARCH64": "aarch64", "EM_ARM": "arm"}.get(img.machine, img.machine)
-            raise PatchFileError(f"{self.where} is a patch for {arch} (ELF{img.elfclass}), not for x86_64")
-        if img.elf["e_type"] != "ET_DYN":
-            raise PatchFileError(f"{self.where} is not a shared object")
+        if img.machine != "x86_64" or img.elfclass != 64:
+            raise PatchFileError(f"{where} is a patch for {img.machine} (ELF{img.elfclass}), not for x86_64")
+        if img.type != ET_DYN:
+            raise PatchFileError(f"{where} is not a shared object")
         self.segments = [
             Segment(
-                vaddr=int(s["p_vaddr"]),
-                memsz=int(s["p_memsz"]),
-                data=s.data(),
-                prot=(1 if s["p_flags"] & 4 else 0) | (2 if s["p_flags"] & 2 else 0) | (4 if s["p_flags"] & 1 else 0),
+                vaddr=seg.vaddr,
+                memsz=seg.memsz,
+                data=img.segment_data(seg),
+                prot=(1 if seg.flags & 4 else 0) | (2 if seg.flags & 2 else 0) | (4 if seg.flags & 1 else 0),
             )
-            for s in img.loads
+            for seg in img.loads
         ]
         if not self.segments:
-            raise PatchFileError(f"{self.where} has no loadable segment")
+            raise PatchFileError(f"{where} has no loadable segment")
         for seg in self.segments:
             if len(seg.data) > seg.memsz:
-                raise PatchFileError(f"{self.where} is corrupt (segment file size exceeds memory size)")
-        relro = next(iter(img.elf.iter_segments("PT_GNU_RELRO")), None)
-        self.relro = RelroRange(int(relro["p_vaddr"]), int(relro["p_vaddr"]) + int(relro["p_memsz"])) if relro else None
-        self.symbols: dict[str, Symbol] = {}
-        dynsym = img.elf.get_section_by_name(".dynsym")
-        if dynsym is not None:
-            for sym in dynsym.iter_symbols():
-                if sym.name and sym["st_shndx"] != "SHN_UNDEF":
-                    self.symbols[sym.name] = _symbol(sym)
-        self.relocations = self._relocations(dynsym)
-        sec = img.elf.get_section_by_name(ORIGINAL_SECTION)
-        self.original_slots = (int(sec["sh_addr"]), int(sec["sh_addr"]) + int(sec["sh_size"])) if sec else (0, 0)
-        init = img.elf.get_section_by_name(".init_array")
-        self.has_constructors = init is not None and int(init["sh_size"]) > 0
+                raise PatchFileError(f"{where} is corrupt (segment file size exceeds memory size)")
+        relro = next((seg for seg in img.segments if seg.type == PT_GNU_RELRO), None)
+        self.relro = RelroRange(relro.vaddr, relro.vaddr + relro.memsz) if relro else None
+        self.symbols: dict[str, Symbol] = {
+            name: sym for name, sym, _ in img.dynamic_symbols() if name and sym is not None
+        }
+        self.relocations = self._relocations()
+        sec = img.section(ORIGINAL_SECTION)
+        self.original_slots = (sec.addr, sec.addr + sec.size) if sec else (0, 0)
+        init = img.section(".init_array")
+        self.has_constructors = init is not None and init.size > 0
 
-    def _relocations(self, dynsym: Any) -> list[Relocation]:
+    def _relocations(self) -> list[Relocation]:
         out: list[Relocation] = []
-        for sec in self.image.elf.iter_sections():
-            if sec["sh_type"] != "SHT_RELA":
-                continue
-            if sec["sh_flags"] & 2 == 0:  # not SHF_ALLOC: a static relocation section, not ours
-                continue
-            for rel in sec.iter_relocations():
-                rtype, index = int(rel["r_info_type"]), int(rel["r_info_sym"])
-                if rtype not in SUPPORTED_RELOCATIONS:
-                    raise PatchFileError(
-                        f"{self.where} needs relocation type {rtype}, which hotpatch does not apply "
-                        "(thread-local storage or IFUNC in a patch is not supported)"
-                    )
-                name, defined = "", None
-                if index:
-                    sym = dynsym.get_symbol(index)
-                    name = sym.name
-                    if sym["st_shndx"] != "SHN_UNDEF":
-                        defined = _symbol(sym)
-                    elif sym["st_info"]["bind"] == "STB_WEAK":
-                        name = "?" + name  # weak undefined: may resolve to 0
-                out.append(Relocation(int(rel["r_offset"]), rtype, name, defined, int(rel["r_addend"])))
+        for rel in self.image.dynamic_relocations():
+            if rel.type not in SUPPORTED_RELOCATIONS:
+                raise PatchFileError(
+                    f"{self.where} needs relocation type {rel.type}, which hotpatch does not apply "
+                    "(thread-local storage or IFUNC in a patch is not supported)"
+                )
+            name, defined = "", None
+            if rel.sym:
+                name, defined, binding = self.image.dynamic_symbol_by_index(rel.sym)
+                if defined is None and binding == STB_WEAK:
+                    name = "?" + name  # weak undefined: may resolve to 0
+            out.append(Relocation(rel.offset, rel.type, name, defined, rel.addend))
         return out
 
     @property
@@ -140,19 +114,15 @@ class PatchBinary:
         """SHA-256 over the file bytes of every PT_LOAD, in order: all the loader maps or reads. The ELF
         header is left out (adding the manifest section changes its section-header fields)."""
         h = hashlib.sha256()
-        skip = int(self.image.elf["e_ehsize"])
+        skip = self.image.ehsize
         for i, seg in enumerate(self.segments):
-            h.update(seg.data[skip:] if i == 0 and self._first_offset == 0 else seg.data)
+            h.update(seg.data[skip:] if i == 0 and self.image.loads[0].offset == 0 else seg.data)
         return h.hexdigest()
-
-    @property
-    def _first_offset(self) -> int:
-        return int(self.image.loads[0]["p_offset"])
 
     def section(self, name: str) -> bytes | None:
         """The raw contents of section ``name``, or None."""
-        sec = self.image.elf.get_section_by_name(name)
-        return None if sec is None else bytes(sec.data())
+        sec = self.image.section(name)
+        return None if sec is None else self.image.section_data(sec)
 
 
 class PatchFile(PatchBinary):

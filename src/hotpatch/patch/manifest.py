@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..errors import PatchFileError
@@ -101,5 +101,5 @@ class Manifest:
 def _fields(doc: Any, cls: type) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise TypeError("not an object")
-    names = cls.__dataclass_fields__
+    names = [f.name for f in fields(cls)]
     return {k: doc[k] for k in names}

@@ -41,16 +41,16 @@ _tgkill = _libc.syscall
 _tgkill.restype = ctypes.c_long
 
 
+_REGISTER_NAMES = (
+    "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx", "rdx", "rsi", "rdi",
+    "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base", "gs_base", "ds", "es", "fs", "gs",
+)  # fmt: skip
+
+
 class Regs(ctypes.Structure):
     """``struct user_regs_struct`` of x86-64 (27 × u64, arch/x86/include/asm/user_64.h)."""
 
-    _fields_ = [
-        (name, ctypes.c_uint64)
-        for name in (
-            "r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax "
-            "rip cs eflags rsp ss fs_base gs_base ds es fs gs"
-        ).split()
-    ]
+    _fields_ = [(name, ctypes.c_uint64) for name in _REGISTER_NAMES]
 
     r15: int
     r14: int
