@@ -16,12 +16,12 @@ original bytes; the patch's memory is unmapped only when no thread's RIP or stac
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 from . import state as statemod
@@ -29,7 +29,7 @@ from .errors import HotpatchError, StateError, TargetError, UpToDateError
 from .loader import Layout, load
 from .modules import ModuleSet
 from .patch.bundle import PatchFile
-from .planner import PlacedSite, place, plan_sites
+from .planner import PlacedSite, SitePlan, place, plan_sites
 from .process import remote
 from .process.maps import Mapping, gap_candidates, read_maps
 from .process.memory import Memory
@@ -133,7 +133,7 @@ class Target:
     # -- helpers ------------------------------------------------------------------------------------
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        path = os.path.join(tempfile.gettempdir(), f"hotpatch-{self.pid}.lock")
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"hotpatch-{self.pid}.lock")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             deadline = time.monotonic() + LOCK_TIMEOUT_S
@@ -293,52 +293,61 @@ class Target:
         pf: PatchFile,
         layout: Layout,
         candidates: list[int],
-        plans: list,  # type: ignore[type-arg]
-        resolve: object,
+        plans: list[SitePlan],
+        resolve: Callable[[str], int],
         maps: list[Mapping],
         state_addr: int | None,
     ) -> tuple[int, list[PlacedSite], int]:
-        """Relocate for the first free candidate, map it, write it, protect it; create the state mapping
-        if needed. Returns (region, placed sites, state address)."""
-        assert callable(resolve)
-        with self._injector(maps) as inject:
-            for region in candidates[:16]:
-                tramp_area = region + layout.span
-                placed = place(
-                    plans, {s.name: region - layout.min_vaddr + s.value for s in pf.symbols.values()}, tramp_area
-                )
-                originals = {s.plan.function.symbol: s.trampoline.address for s in placed}
-                img = load(pf, layout, region, resolve, originals)
+        """Map the patch at the first free candidate address, write it, protect it; create the state
+        mapping if needed. Returns (region, placed sites, state address).
+
+        The image is relocated before any thread stops; the mapping is made ``PROT_READ`` (hotpatch writes
+        through ``/proc/PID/mem``, which does not need write permission) in one short stop, the bytes are
+        written with the target running, and a second short stop applies the other protections.
+        """
+        for region in candidates[:16]:
+            tramp_area = region + layout.span
+            replacements = {s.name: region - layout.min_vaddr + s.value for s in pf.symbols.values()}
+            placed = place(plans, replacements, tramp_area)
+            img = load(pf, layout, region, resolve, {s.plan.function.symbol: s.trampoline.address for s in placed})
+            with self._injector(maps) as inject:
                 try:
-                    remote.mmap_fixed(inject, region, layout.size, remote.PROT_READ | remote.PROT_WRITE)
+                    remote.mmap_fixed(inject, region, layout.size, remote.PROT_READ)
                 except SyscallError as e:
-                    if e.errno == 17:  # EEXIST: the target mapped it meanwhile; try the next gap
+                    if e.errno == errno.EEXIST:  # the target mapped it meanwhile: try the next gap
                         continue
                     raise TargetError(f"mmap in PID {self.pid} failed: {e.strerror}") from None
                 try:
                     if state_addr is None:
                         state_addr = statemod.create(inject, self.mem, region)
-                    tramps = b"".join(s.trampoline.code.ljust(MAX_TRAMPOLINE, b"\xcc") for s in placed)
-                    self.mem.write(region, img.image + tramps)
-                    for addr, size, prot in [
-                        *img.protections,
-                        (tramp_area, layout.size - layout.span, remote.PROT_READ | remote.PROT_EXEC),
-                    ]:
-                        inject(remote.SYS_MPROTECT, addr, size, prot)
                 except BaseException:
                     inject(remote.SYS_MUNMAP, region, layout.size)
                     raise
-                return region, placed, state_addr
+            try:
+                tramps = b"".join(s.trampoline.code.ljust(MAX_TRAMPOLINE, b"\xcc") for s in placed)
+                self.mem.write(region, img.image + tramps)
+                rx = remote.PROT_READ | remote.PROT_EXEC
+                with self._injector(maps) as inject:
+                    for addr, size, prot in [*img.protections, (tramp_area, layout.size - layout.span, rx)]:
+                        if prot != remote.PROT_READ:
+                            inject(remote.SYS_MPROTECT, addr, size, prot)
+            except BaseException:
+                self._unmap([(region, layout.size)])
+                raise
+            return region, placed, state_addr
         raise TargetError(f"no free address range within ±2 GiB of the sites in PID {self.pid}")
+
+    def _unmap(self, regions: list[tuple[int, int]]) -> None:
+        """Unmap regions nothing runs in (best effort: the target may be gone)."""
+        with suppress(HotpatchError), self._injector(self._maps()) as inject:
+            for addr, size in regions:
+                inject(remote.SYS_MUNMAP, addr, size)
 
     def _undo_load(self, state_addr: int, record: Record, region: int, size: int) -> None:
         """After a failed commit: put the record back and unmap the region (nothing ran in it)."""
-        try:
+        with suppress(HotpatchError):
             statemod.write(self.mem, state_addr, record)
-            with self._injector(self._maps()) as inject:
-                inject(remote.SYS_MUNMAP, region, size)
-        except HotpatchError:
-            pass
+        self._unmap([(region, size)])
 
     # -- revert -------------------------------------------------------------------------------------
     def revert(self, name: str | None = None) -> list[Report]:
@@ -365,7 +374,8 @@ class Target:
             regions = [(r[0], r[1]) for p in victims for r in p.regions] + [(r[0], r[1]) for r in record.retired]
             commit = txn.commit(watch=regions)
             assert state_addr is not None
-            kept = self._unmap_free(regions, commit.busy, maps)
+            kept = [r for r in regions if r in commit.busy]
+            self._unmap([r for r in regions if r not in commit.busy])
             statemod.write(
                 self.mem, state_addr, Record([p for p in record.patches if p not in victims], [list(r) for r in kept])
             )
@@ -375,16 +385,6 @@ class Target:
             rep.retained = [r for r in kept if [r[0], r[1]] in p.regions]
             reports.append(rep)
         return reports
-
-    def _unmap_free(
-        self, regions: list[tuple[int, int]], busy: set[tuple[int, int]], maps: list[Mapping]
-    ) -> list[tuple[int, int]]:
-        free = [r for r in regions if r not in busy]
-        if free:
-            with self._injector(maps) as inject:
-                for addr, size in free:
-                    inject(remote.SYS_MUNMAP, addr, size)
-        return [r for r in regions if r in busy]
 
     # -- consistency --------------------------------------------------------------------------------
     def _reconcile(self, record: Record, state_addr: int | None) -> Record:
