@@ -275,15 +275,16 @@ class Target:
                         rip_map={} if s.plan.upgrading else s.trampoline.rip_map,
                     )
                 )
+            retired = [(r[0], r[1]) for r in record.retired]
             try:
-                commit = txn.commit()
+                commit = txn.commit(watch=retired)
             except BaseException:
                 self._undo_load(state_addr, record, region, layout.size)
                 raise
-            final = Record([p for p in record.patches if p is not old] + [rec], list(record.retired))
+            kept = self._free_unused(retired, commit.busy)
             if old is not None:
-                final.retired.extend(old.regions)
-            statemod.write(self.mem, state_addr, final)
+                kept.extend(old.regions)  # a thread may still run in the old version
+            statemod.write(self.mem, state_addr, Record([p for p in record.patches if p is not old] + [rec], kept))
         report = self._report(rec, commit)
         report.replaced_version = old.version if old is not None else None
         return report
@@ -337,8 +338,15 @@ class Target:
             return region, placed, state_addr
         raise TargetError(f"no free address range within ±2 GiB of the sites in PID {self.pid}")
 
+    def _free_unused(self, regions: list[tuple[int, int]], busy: set[tuple[int, int]]) -> list[list[int]]:
+        """Unmap the ``regions`` not in ``busy``; return the busy ones, to be kept in the record."""
+        self._unmap([r for r in regions if r not in busy])
+        return [[addr, size] for addr, size in regions if (addr, size) in busy]
+
     def _unmap(self, regions: list[tuple[int, int]]) -> None:
         """Unmap regions nothing runs in (best effort: the target may be gone)."""
+        if not regions:
+            return
         with suppress(HotpatchError), self._injector(self._maps()) as inject:
             for addr, size in regions:
                 inject(remote.SYS_MUNMAP, addr, size)
@@ -365,7 +373,7 @@ class Target:
             if name is not None and record.find(name) is None:
                 raise StateError(f"no patch named {name} is applied to PID {self.pid}")
             victims = [p for p in record.patches if name is None or p.name == name]
-            if not victims:
+            if not victims and not record.retired:
                 return []
             txn = Transaction(self.pid, self.mem)
             for p in victims:
@@ -374,15 +382,12 @@ class Target:
             regions = [(r[0], r[1]) for p in victims for r in p.regions] + [(r[0], r[1]) for r in record.retired]
             commit = txn.commit(watch=regions)
             assert state_addr is not None
-            kept = [r for r in regions if r in commit.busy]
-            self._unmap([r for r in regions if r not in commit.busy])
-            statemod.write(
-                self.mem, state_addr, Record([p for p in record.patches if p not in victims], [list(r) for r in kept])
-            )
+            kept = self._free_unused(regions, commit.busy)
+            statemod.write(self.mem, state_addr, Record([p for p in record.patches if p not in victims], kept))
         reports = []
         for p in victims:
             rep = self._report(p, commit)
-            rep.retained = [r for r in kept if [r[0], r[1]] in p.regions]
+            rep.retained = [(r[0], r[1]) for r in kept if r in p.regions]
             reports.append(rep)
         return reports
 
