@@ -6,6 +6,7 @@ Every process a test starts goes through ``procs.start``; at teardown each one s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -49,14 +50,10 @@ class Procs:
         """Kill (by PID) and wait for every started process still running."""
         for p in self.started:
             if p.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
             for stream in (p.stdout, p.stderr, p.stdin):
                 if stream is not None:
                     stream.close()
