@@ -151,10 +151,20 @@ def _replaced_functions(binary: PatchBinary, tgt_image: ElfImage, target: str) -
             raise BuildError(f"{sym.name} has no size in {target}'s symbol table; cannot check its bytes")
         code = tgt_image.read_vaddr(orig.value, orig.size)
         try:
-            prologue.analyze(sym.name, orig.value, code)
+            pro = prologue.analyze(sym.name, orig.value, code)
         except HotpatchError as e:
             raise type(e)(f"cannot patch {target}: {e}") from None
-        out.append(Function(sym.name, orig.value, orig.size, hashlib.sha256(code).hexdigest()))
+        out.append(
+            Function(
+                sym.name,
+                orig.value,
+                orig.size,
+                hashlib.sha256(code).hexdigest(),
+                pro.site - pro.entry,
+                pro.lengths,
+                pro.position_dependent,
+            )
+        )
     if not out:
         raise BuildError(f"the sources define no function of {target} (a replacement must have the same symbol)")
     return tuple(out)

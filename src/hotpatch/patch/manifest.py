@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from ..errors import PatchFileError
@@ -22,12 +22,18 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 @dataclass(frozen=True)
 class Function:
     """A replaced function: its ``symbol``, link-time address ``value`` and ``size`` (bytes) in the target
-    module, and ``sha256`` of those ``size`` bytes in the target file."""
+    module, and ``sha256`` of those ``size`` bytes in the target file. The build-time site analysis
+    (:func:`hotpatch.x86.prologue.analyze`) rides along: ``site_offset`` (0, or 4 after ``endbr64``), the
+    ``lengths`` of the overwritten instructions, and whether they are ``position_dependent``; ``apply`` reuses
+    it once the hash proved the bytes are the same."""
 
     symbol: str
     value: int
     size: int
     sha256: str
+    site_offset: int = 0
+    lengths: tuple[int, ...] = ()
+    position_dependent: bool = True
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,9 @@ class Manifest:
         if doc.get("format") != FORMAT:
             raise PatchFileError(f"{where}: unsupported manifest format {doc.get('format')!r}")
         try:
-            funcs = tuple(Function(**_fields(f, Function)) for f in doc["functions"])
+            funcs = tuple(
+                Function(**{**_fields(f, Function), "lengths": tuple(f.get("lengths", ()))}) for f in doc["functions"]
+            )
             man = Manifest(**{**_fields(doc, Manifest), "functions": funcs})
         except (KeyError, TypeError) as e:
             raise PatchFileError(f"{where}: the manifest lacks or mistypes a field ({e})") from None
@@ -91,6 +99,9 @@ class Manifest:
                 and isinstance(f.size, int)
                 and f.size > 0
                 and isinstance(f.sha256, str)
+                and f.site_offset in (0, 4)
+                and all(isinstance(n, int) and 0 < n <= 15 for n in f.lengths)
+                and isinstance(f.position_dependent, bool)
                 for f in self.functions
             )
         )
@@ -101,5 +112,10 @@ class Manifest:
 def _fields(doc: Any, cls: type) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise TypeError("not an object")
-    names = [f.name for f in fields(cls)]
-    return {k: doc[k] for k in names}
+    out = {}
+    for f in fields(cls):
+        if f.name in doc:
+            out[f.name] = doc[f.name]
+        elif f.default is MISSING:
+            raise KeyError(f.name)
+    return out

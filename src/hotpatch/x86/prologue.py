@@ -18,14 +18,10 @@ the first bytes of a function, and DESIGN.md measured 0.1–0.4% of functions wi
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import iced_x86 as iced
+from typing import Any
 
 from ..errors import SiteError
 from .encode import ENDBR64, JMP_REL32_LEN
-
-_BRANCHY = {iced.FlowControl.CONDITIONAL_BRANCH, iced.FlowControl.UNCONDITIONAL_BRANCH, iced.FlowControl.CALL}
-_CALLS = {iced.FlowControl.CALL, iced.FlowControl.INDIRECT_CALL}
 
 
 @dataclass(frozen=True)
@@ -34,14 +30,30 @@ class Prologue:
 
     ``entry``: the function's address; ``site``: where the jump goes (entry, or entry+4 after ``endbr64``);
     ``length``: bytes of the whole instructions overwritten (>= 5); ``original``: those bytes;
-    ``instructions``: the decoded overwritten instructions, at their real addresses.
+    ``lengths``: the length of each of those instructions; ``position_dependent``: True when one of them has a
+    RIP-relative operand or a relative branch, so a trampoline must re-encode it; ``instructions``: the
+    decoded iced-x86 instructions at their real addresses (empty when rebuilt from a manifest).
     """
 
     entry: int
     site: int
     length: int
     original: bytes
-    instructions: tuple[iced.Instruction, ...]
+    lengths: tuple[int, ...]
+    position_dependent: bool
+    instructions: tuple[Any, ...] = ()
+
+    @staticmethod
+    def from_manifest(
+        entry: int, code: bytes, site_offset: int, lengths: tuple[int, ...], position_dependent: bool
+    ) -> Prologue:
+        """The prologue ``analyze`` found at build time, for ``code`` whose hash matched the manifest (same
+        bytes, so the same analysis) — no decoder is loaded on this path."""
+        length = sum(lengths)
+        if site_offset not in (0, len(ENDBR64)) or length < JMP_REL32_LEN or site_offset + length > len(code):
+            raise SiteError("the manifest's prologue description does not fit the function")
+        original = code[site_offset : site_offset + length]
+        return Prologue(entry, entry + site_offset, length, original, lengths, position_dependent)
 
     @property
     def endbr(self) -> bool:
@@ -54,6 +66,9 @@ def analyze(symbol: str, entry: int, code: bytes) -> Prologue:
 
     Raises SiteError naming the symbol and the reason when the site cannot be patched safely.
     """
+    import iced_x86 as iced
+
+    calls = {iced.FlowControl.CALL, iced.FlowControl.INDIRECT_CALL}
     site_off = len(ENDBR64) if code.startswith(ENDBR64) else 0
     if len(code) < site_off + JMP_REL32_LEN:
         raise SiteError(
@@ -69,7 +84,7 @@ def analyze(symbol: str, entry: int, code: bytes) -> Prologue:
         if ins.code == iced.Code.INVALID:
             raise SiteError(f"{symbol}: invalid instruction at {site + length:#x}")
         # `syscall` counts as a call for iced-x86, but pushes no return address: it is copied verbatim
-        if ins.flow_control in _CALLS and ins.mnemonic != iced.Mnemonic.SYSCALL:
+        if ins.flow_control in calls and ins.mnemonic != iced.Mnemonic.SYSCALL:
             raise SiteError(f"{symbol}: a call at {ins.ip:#x} lies in the first {JMP_REL32_LEN} bytes")
         if ins.flow_control == iced.FlowControl.XBEGIN_XABORT_XEND:
             raise SiteError(f"{symbol}: a transactional-memory instruction lies in the first bytes")
@@ -78,17 +93,23 @@ def analyze(symbol: str, entry: int, code: bytes) -> Prologue:
     if site_off + length > len(code):
         raise SiteError(f"{symbol}: its first instructions run past the end of the function")
     _check_branch_targets(symbol, entry, code, site, length)
-    return Prologue(entry, site, length, code[site_off : site_off + length], tuple(covered))
+    dependent = any(ins.is_ip_rel_memory_operand or _near_branch(ins) for ins in covered)
+    original = code[site_off : site_off + length]
+    return Prologue(entry, site, length, original, tuple(i.len for i in covered), dependent, tuple(covered))
+
+
+def _near_branch(ins: Any) -> bool:
+    import iced_x86 as iced
+
+    return ins.op0_kind in (iced.OpKind.NEAR_BRANCH16, iced.OpKind.NEAR_BRANCH32, iced.OpKind.NEAR_BRANCH64)
 
 
 def _check_branch_targets(symbol: str, entry: int, code: bytes, site: int, length: int) -> None:
     """Refuse when a direct branch of the function lands strictly inside ``(site, site + length)``."""
+    import iced_x86 as iced
+
     for ins in iced.Decoder(64, code, ip=entry):
-        if ins.flow_control in _BRANCHY and ins.op0_kind in (
-            iced.OpKind.NEAR_BRANCH16,
-            iced.OpKind.NEAR_BRANCH32,
-            iced.OpKind.NEAR_BRANCH64,
-        ):
+        if _near_branch(ins):
             target = ins.near_branch_target
             if site < target < site + length:
                 raise SiteError(

@@ -9,8 +9,7 @@ thread's RIP out of the overwritten bytes (Detours' ``detour_align_from_target``
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import iced_x86 as iced
+from typing import Any
 
 from ..errors import SiteError
 from .encode import ENDBR64, jmp_rel32
@@ -32,20 +31,42 @@ class Trampoline:
 
 def build(prologue: Prologue, address: int) -> Trampoline:
     """Relocate ``prologue`` to ``address``. Raises SiteError when an instruction cannot be re-encoded
-    (e.g. a RIP-relative operand out of ±2 GiB reach of ``address``)."""
+    (e.g. a RIP-relative operand out of ±2 GiB reach of ``address``).
+
+    A prologue without RIP-relative operands or relative branches is copied verbatim (no decoder needed).
+    """
     out = bytearray(ENDBR64 if prologue.endbr else b"")
     rip_map: dict[int, int] = {}
-    for ins in prologue.instructions:
-        rip_map[ins.ip] = address + len(out)
-        enc = iced.BlockEncoder(64)
-        enc.add(ins)
-        try:
-            out += enc.encode(address + len(out))
-        except ValueError as e:
-            raise SiteError(f"cannot relocate '{ins}' at {ins.ip:#x} into a trampoline: {e}") from None
+    if not prologue.position_dependent:
+        at = prologue.site
+        for n in prologue.lengths:
+            rip_map[at] = address + len(out) + (at - prologue.site)
+            at += n
+        out += prologue.original
+    else:
+        for ins in prologue.instructions or _decode(prologue):
+            rip_map[ins.ip] = address + len(out)
+            out += _reencode(ins, address + len(out))
     end = prologue.site + prologue.length
     rip_map[end] = address + len(out)
     out += jmp_rel32(address + len(out), end)
     if len(out) > MAX_TRAMPOLINE:
         raise SiteError(f"the trampoline for the site at {prologue.site:#x} would be {len(out)} bytes")
     return Trampoline(address, bytes(out), rip_map)
+
+
+def _decode(prologue: Prologue) -> list[Any]:
+    import iced_x86 as iced
+
+    return list(iced.Decoder(64, prologue.original, ip=prologue.site))
+
+
+def _reencode(ins: Any, address: int) -> bytes:
+    import iced_x86 as iced
+
+    enc = iced.BlockEncoder(64)
+    enc.add(ins)
+    try:
+        return bytes(enc.encode(address))
+    except ValueError as e:
+        raise SiteError(f"cannot relocate '{ins}' at {ins.ip:#x} into a trampoline: {e}") from None
