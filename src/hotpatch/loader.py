@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import PatchFileError, SymbolError
 from .patch.bundle import (
@@ -26,8 +26,7 @@ from .patch.bundle import (
 from .process.maps import PAGE, page_down, page_up
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(NamedTuple):
     """Where a patch goes: ``span`` bytes of segments from link-time ``min_vaddr``, then ``extra`` bytes
     (trampolines). ``size`` is the whole region in bytes, page-aligned."""
 
@@ -48,8 +47,7 @@ class Layout:
         return Layout(lo, hi - lo, extra)
 
 
-@dataclass(frozen=True)
-class LoadedImage:
+class LoadedImage(NamedTuple):
     """The bytes of the region (segments only; the trampoline area is written separately), and the
     protections ``(address, size, PROT_*)`` to apply after writing."""
 

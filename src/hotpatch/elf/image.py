@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import mmap
 import struct
-from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 from ..errors import PatchFileError
 
@@ -38,8 +38,7 @@ _SYM = struct.Struct("<IBBHQQ")
 _RELA = struct.Struct("<QQq")
 
 
-@dataclass(frozen=True)
-class Symbol:
+class Symbol(NamedTuple):
     """A defined symbol: ``value`` is its link-time address (add the load bias), ``size`` in bytes,
     ``kind`` one of func/object/ifunc/tls/other, ``binding`` global/weak/local, ``section`` its index."""
 
@@ -51,8 +50,7 @@ class Symbol:
     section: int
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     """A program header (``Elf64_Phdr``)."""
 
     type: int
@@ -63,8 +61,7 @@ class Segment:
     memsz: int
 
 
-@dataclass(frozen=True)
-class Section:
+class Section(NamedTuple):
     """A section header (``Elf64_Shdr``) with its resolved name."""
 
     name: str
@@ -77,8 +74,7 @@ class Section:
     entsize: int
 
 
-@dataclass(frozen=True)
-class Rela:
+class Rela(NamedTuple):
     """A relocation (``Elf64_Rela``): ``offset`` patched, ``type``, symbol index ``sym``, ``addend``."""
 
     offset: int

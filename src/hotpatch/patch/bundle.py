@@ -8,7 +8,7 @@ applies (DESIGN.md §5 "Deadlock": RELATIVE, GLOB_DAT, JUMP_SLOT, 64; System V x
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..elf.image import ET_DYN, PT_GNU_RELRO, STB_WEAK, ElfImage, Symbol
 from ..errors import PatchFileError
@@ -23,8 +23,7 @@ SUPPORTED_RELOCATIONS = {R_X86_64_NONE, R_X86_64_64, R_X86_64_GLOB_DAT, R_X86_64
 ORIGINAL_SECTION = "hotpatch_original"  # written by HOTPATCH_ORIGINAL in include/hotpatch.h
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     """A PT_LOAD: link-time ``vaddr``, ``memsz``/``filesz`` in bytes, its file ``data``, ``prot`` bits (PROT_*)."""
 
     vaddr: int
@@ -33,8 +32,7 @@ class Segment:
     prot: int
 
 
-@dataclass(frozen=True)
-class Relocation:
+class Relocation(NamedTuple):
     """A dynamic relocation: ``offset`` (link-time address it patches), ``type``, ``symbol`` name (or "")
     with its definition in the patch (or None), and ``addend``."""
 
@@ -45,8 +43,7 @@ class Relocation:
     addend: int
 
 
-@dataclass(frozen=True)
-class RelroRange:
+class RelroRange(NamedTuple):
     """The PT_GNU_RELRO range ``[start, end)`` (link-time), made read-only after relocation."""
 
     start: int

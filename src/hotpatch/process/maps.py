@@ -7,7 +7,7 @@ Detours' ``detour_alloc_region_from_lo/hi``).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import TargetError
 
@@ -17,8 +17,7 @@ MMAP_MIN_ADDR = 0x10000  # vm.mmap_min_addr's usual value; never map below it
 USER_TOP = 0x7FFF_FFFF_F000  # end of the x86-64 user address space with 4-level paging
 
 
-@dataclass(frozen=True)
-class Mapping:
+class Mapping(NamedTuple):
     """One line of /proc/PID/maps: ``[start, end)`` in bytes, permissions like ``r-xp``, file offset, path."""
 
     start: int

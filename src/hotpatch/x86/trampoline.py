@@ -8,8 +8,7 @@ thread's RIP out of the overwritten bytes (Detours' ``detour_align_from_target``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import SiteError
 from .encode import ENDBR64, jmp_rel32
@@ -18,8 +17,7 @@ from .prologue import Prologue
 MAX_TRAMPOLINE = 64  # bytes reserved per trampoline: endbr64 + up to 15-byte insns grown + jmp
 
 
-@dataclass(frozen=True)
-class Trampoline:
+class Trampoline(NamedTuple):
     """Relocated code for one site. ``address``: where it is placed (its entry, called by
     ``HOTPATCH_ORIGINAL``); ``code``: its bytes; ``rip_map``: original address -> trampoline address for every
     instruction boundary in ``[site, site + length]`` (the last one maps to the jump back)."""
