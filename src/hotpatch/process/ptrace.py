@@ -11,7 +11,6 @@ Request numbers and the layout of ``struct user_regs_struct`` come from the kern
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 from typing import Final
@@ -33,7 +32,7 @@ PTRACE_EVENT_STOP: Final = 128
 
 WALL: Final = 0x40000000  # __WALL: wait for clone children (threads) too
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the process's global namespace, which holds libc
 _ptrace = _libc.ptrace
 _ptrace.restype = ctypes.c_long
 _ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
