@@ -6,7 +6,8 @@ of its first file page (System V gABI, "Program Loading").
 
 Symbol resolution order for a patch's undefined symbols (issue 2): the target module's ``.dynsym``, its
 ``.symtab``, then the executable, then every other module in address order (as ld.so's global scope puts the
-executable first: a copy-relocated ``stdout`` lives there).
+executable first: a copy-relocated ``stdout`` lives there). A symbol the target module exports is looked up in
+the executable first, as ld.so binds the module's own references to it there (copy relocation, interposition).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class ModuleSet:
                 if m.offset < mod.first.offset:
                     mod.first = m
         self.modules = sorted(by_path.values(), key=lambda mod: (mod.path != exe, mod.start))
+        self.exe = next((mod for mod in self.modules if mod.path == exe), None)
 
     def _openable(self, m: Mapping) -> str:
         path = m.path.removesuffix(" (deleted)")
@@ -116,7 +118,13 @@ class ModuleSet:
 
         Raises SymbolError when no module defines it.
         """
-        for mod in [first, *(m for m in self.modules if m is not first)]:
+        order = [first, *(m for m in self.modules if m is not first)]
+        if self.exe is not None and self.exe is not first and self._exported(first, name):
+            # ld.so binds an exported symbol to the executable's definition first (a copy relocation of a
+            # library variable, or an interposing function): that is the one the library itself uses
+            order.remove(self.exe)
+            order.insert(0, self.exe)
+        for mod in order:
             try:
                 sym = mod.image.symbol(name) if mod is first else mod.image.dynamic_symbol(name)
             except HotpatchError:
@@ -130,6 +138,13 @@ class ModuleSet:
             f"symbol {name} is not defined in PID {self.pid} (looked in {first.path} and "
             f"{len(self.modules) - 1} other modules)"
         )
+
+    @staticmethod
+    def _exported(mod: Module, name: str) -> bool:
+        try:
+            return mod.image.dynamic_symbol(name) is not None
+        except HotpatchError:
+            return False
 
     def _bound_ifunc(self, name: str, definer: Module, read_word: Callable[[int], int]) -> int:
         """The implementation of IFUNC ``name`` that ld.so chose in this target: the value of a GOT slot
