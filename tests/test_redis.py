@@ -39,7 +39,8 @@ PRE_KEYS = 2000  # keys written before the load starts
 WRITER_MAX_KEYS = 200_000  # bound on the background writer's keys
 WRITER_MAX_S = 60.0  # and on its running time
 BENCH_TIMEOUT_S = 120.0
-BENCH_ARGS = ("-t", "ping,set,get", "-n", "200000", "-c", "20", "-P", "4", "-q")
+BENCH_CLIENTS = 20
+BENCH_ARGS = ("-t", "ping,set,get", "-n", "200000", "-c", str(BENCH_CLIENTS), "-P", "4", "-q")
 
 
 def _tools() -> dict[str, str]:
@@ -78,6 +79,7 @@ class Resp:
         self.sock.sendall(b"".join(out))
 
     def _line(self) -> bytes:
+        """One CRLF-terminated line of the reply stream, without the CRLF."""
         while b"\r\n" not in self.buf:
             chunk = self.sock.recv(65536)
             if not chunk:
@@ -87,6 +89,7 @@ class Resp:
         return line
 
     def _exact(self, n: int) -> bytes:
+        """``n`` bytes of bulk data and the CRLF after them (dropped)."""
         while len(self.buf) < n + 2:
             chunk = self.sock.recv(65536)
             if not chunk:
@@ -212,22 +215,24 @@ class Pinger(threading.Thread):
             self.error = e
 
 
-def _wait_benchmark_started(port: int, clients: int, timeout: float = 20.0) -> None:
-    """Wait until redis-benchmark's connections are open and commands flow (INFO clients/stats)."""
+def _wait_load_started(port: int, bench_clients: int, writer: Writer, pinger: Pinger,
+                       timeout: float = 20.0) -> None:
+    """Wait until redis-benchmark's connections are open (INFO connected_clients counts them beside the
+    writer's, the pinger's and this one) and the writer and the pinger have had replies."""
     c = Resp(port)
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            info = c.call("INFO")
+            info = c.call("INFO", "clients")
             assert isinstance(info, bytes)
             lines = info.decode().splitlines()
             fields = dict(line.split(":", 1) for line in lines if ":" in line and not line.startswith("#"))
-            if int(fields["connected_clients"]) >= clients:
+            if int(fields["connected_clients"]) >= bench_clients + 3 and writer.written and pinger.replies:
                 return
-            time.sleep(0.01)
+            time.sleep(0.005)
     finally:
         c.close()
-    pytest.fail("redis-benchmark did not connect within 20 s")
+    pytest.fail(f"the load did not start within {timeout} s (writer: {writer.error!r}, pinger: {pinger.error!r})")
 
 
 def test_patch_redis_ping_under_load(procs: Procs, tmp_path: Path) -> None:
@@ -268,7 +273,7 @@ def test_patch_redis_ping_under_load(procs: Procs, tmp_path: Path) -> None:
     try:
         writer.start()
         pinger.start()
-        _wait_benchmark_started(port, clients=20)
+        _wait_load_started(port, BENCH_CLIENTS, writer, pinger)
 
         res = run_cli("apply", "--pid", pid, patch)
         assert res.returncode == 0, res.stderr
