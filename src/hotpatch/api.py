@@ -34,7 +34,7 @@ from .process import remote
 from .process.maps import Mapping, gap_candidates, read_maps
 from .process.memory import Memory
 from .process.remote import Injector, SyscallError
-from .process.threads import World, list_tids
+from .process.threads import World, _is_zombie, list_tids
 from .state import PatchRecord, Record, SiteRecord
 from .transaction import CommitReport, SiteChange, Transaction
 from .x86.trampoline import MAX_TRAMPOLINE
@@ -77,8 +77,9 @@ class Status:
 
 @dataclass
 class Report:
-    """What an apply or revert did: patch name and version, sites, longest stop ``pause_us`` (µs),
-    threads stopped, threads moved out of overwritten bytes, regions kept mapped (addr, bytes)."""
+    """What an apply or revert did: patch name and version, sites, ``pause_us`` (the longest window in µs in
+    which any target thread was stopped, over the commit and every injection), threads stopped by the
+    commit, threads moved out of overwritten bytes, regions kept mapped (addr, bytes)."""
 
     name: str
     version: int
@@ -119,6 +120,7 @@ class Target:
         self.pid = pid
         self.mem = Memory(pid)
         self._syscall_insn: int | None = None
+        self._stops_us: list[float] = []  # stop windows of the running operation (injections), in µs
 
     def close(self) -> None:
         """Release the handle on the target's memory."""
@@ -145,6 +147,7 @@ class Target:
                     if time.monotonic() > deadline:
                         raise TargetError(f"another hotpatch is working on PID {self.pid}") from None
                     time.sleep(0.01)
+            self._stops_us = []
             yield
         finally:
             os.close(fd)
@@ -163,9 +166,9 @@ class Target:
                 try:
                     world.seize_thread(tid)
                 except TargetError:
-                    if tid == self.pid:
-                        continue
-                    raise
+                    if tid == self.pid and _is_zombie(self.pid, tid):
+                        continue  # the main thread has exited: inject through another one
+                    raise  # e.g. already traced by another tracer: refuse before changing anything
                 world.stop([tid])
                 if tid in world.threads and not world.threads[tid].group_stop:
                     break
@@ -173,6 +176,7 @@ class Target:
             yield Injector(world, self._syscall_insn)
         finally:
             world.release()
+            self._stops_us.append(world.longest_stop_us)
 
     def _record(self, maps: list[Mapping]) -> tuple[int | None, Record]:
         addr = statemod.find_region(maps)
@@ -302,10 +306,15 @@ class Target:
         """Map the patch at the first free candidate address, write it, protect it; create the state
         mapping if needed. Returns (region, placed sites, state address).
 
-        The image is relocated before any thread stops; the mapping is made ``PROT_READ`` (hotpatch writes
-        through ``/proc/PID/mem``, which does not need write permission) in one short stop, the bytes are
-        written with the target running, and a second short stop applies the other protections.
+        The image is relocated before any thread stops. One short stop of one thread maps the region
+        read+execute and sets the other protections (the patch is linked ``-z noseparate-code``, so that is
+        two or three syscalls); the bytes are then written with the target running, through
+        ``/proc/PID/mem``, which needs no write permission.
         """
+        rx = remote.PROT_READ | remote.PROT_EXEC
+        if state_addr is None:
+            with self._injector(maps) as inject:  # once per target, in a stop of its own
+                state_addr = statemod.create(inject, self.mem)
         for region in candidates[:16]:
             tramp_area = region + layout.span
             replacements = {s.name: region - layout.min_vaddr + s.value for s in pf.symbols.values()}
@@ -313,25 +322,21 @@ class Target:
             img = load(pf, layout, region, resolve, {s.plan.function.symbol: s.trampoline.address for s in placed})
             with self._injector(maps) as inject:
                 try:
-                    remote.mmap_fixed(inject, region, layout.size, remote.PROT_READ)
+                    remote.mmap_fixed(inject, region, layout.size, rx)
                 except SyscallError as e:
                     if e.errno == errno.EEXIST:  # the target mapped it meanwhile: try the next gap
                         continue
                     raise TargetError(f"mmap in PID {self.pid} failed: {e.strerror}") from None
                 try:
-                    if state_addr is None:
-                        state_addr = statemod.create(inject, self.mem, region)
+                    for addr, size, prot in img.protections:
+                        if prot != rx:
+                            inject(remote.SYS_MPROTECT, addr, size, prot)
                 except BaseException:
                     inject(remote.SYS_MUNMAP, region, layout.size)
                     raise
-            try:
+            try:  # /proc/PID/mem writes need no write permission (FOLL_FORCE): the target runs meanwhile
                 tramps = b"".join(s.trampoline.code.ljust(MAX_TRAMPOLINE, b"\xcc") for s in placed)
                 self.mem.write(region, img.image + tramps)
-                rx = remote.PROT_READ | remote.PROT_EXEC
-                with self._injector(maps) as inject:
-                    for addr, size, prot in [*img.protections, (tramp_area, layout.size - layout.span, rx)]:
-                        if prot != remote.PROT_READ:
-                            inject(remote.SYS_MPROTECT, addr, size, prot)
             except BaseException:
                 self._unmap([(region, layout.size)])
                 raise
@@ -425,7 +430,7 @@ class Target:
             rec.name,
             rec.version,
             [(s.symbol, s.site) for s in rec.sites],
-            commit.pause_us,
+            max([commit.pause_us, *self._stops_us]),
             commit.threads,
             commit.moved,
         )

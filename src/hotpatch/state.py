@@ -145,13 +145,17 @@ def write(mem: Memory, addr: int, record: Record) -> None:
     mem.write(addr + ACTIVE_OFFSET, bytes([slot]))
 
 
-def create(inject: Injector, mem: Memory, scratch: int) -> int:
+def create(inject: Injector, mem: Memory) -> int:
     """Create the state mapping in the target with injected syscalls; returns its address.
 
-    ``scratch`` is a writable address in the target where the memfd's name is placed (the caller's freshly
-    mapped, not yet used, patch region). The memfd is closed after mapping, so no descriptor is left behind.
-    Raises TargetError when the kernel refuses (memfd_create needs Linux >= 3.17).
+    The memfd's name is placed on the injecting thread's stack, below its 128-byte red zone (System V
+    x86-64 psABI §3.2.2), which no code uses while the thread is stopped. The memfd is closed after mapping,
+    so no descriptor is left behind. Raises TargetError when the kernel refuses (memfd_create needs Linux
+    >= 3.17).
     """
+    regs = inject.thread.regs
+    assert regs is not None
+    scratch = (regs.rsp - 512) & ~15
     mem.write(scratch, NAME + b"\0")
     try:
         fd = inject(SYS_MEMFD_CREATE, scratch, MFD_CLOEXEC)

@@ -4,20 +4,22 @@
 the bytes at every site are checked against what the change expects (invariant 2), a thread whose RIP lies
 inside the bytes being overwritten is moved to the matching place in the trampoline (Detours'
 ``DetourTransactionCommit``; research §3.3), including the syscall-restart case where ``RIP-2`` is inside
-(research §4.3), every change is written with one ``pwrite`` each, and the threads are released. If anything
+(research §4.3) — before any byte is written, so a SIGKILL of the tool never resumes a thread inside a new
+jump —, every change is written with one ``pwrite`` each, and the threads are released. If anything
 fails after the first write, every written byte is restored before the threads run again (invariant 3).
 Catchable signals are blocked in the tool while the threads are stopped, so Ctrl-C cannot split a commit.
 """
 
 from __future__ import annotations
 
+import bisect
 import signal
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 from .errors import HotpatchError, MismatchError, SiteError
+from .process import ptrace
 from .process.maps import Mapping, read_maps
 from .process.memory import Memory
 from .process.threads import Thread, World
@@ -90,27 +92,36 @@ class Transaction:
         report = CommitReport()
         maps = read_maps(self.pid) if watch else []
         world = World(self.pid)
+        stacks: list[tuple[int, bytes]] = []
         with _signals_blocked():
             try:
                 world.seize()
-                t0 = time.perf_counter()
                 world.stop()
                 report.threads = len(world.threads)
                 self._check_bytes()
                 moves = self._plan_moves(world)
-                self._write_all()
+                # Move threads out of the overwritten bytes before writing them, and set their registers at
+                # once: the trampoline runs the same instructions, so a moved thread is right whether or not the
+                # write follows, even if the tool is SIGKILLed in between (the kernel then lets it run on).
+                before = {th.tid: th.regs.copy() for th, _ in moves if th.regs is not None}
                 for th, rip in moves:
                     assert th.regs is not None
                     regs = th.regs.copy()
                     regs.rip = rip
                     world.set_regs(th.tid, regs)
+                    ptrace.set_regs(th.tid, regs)
+                try:
+                    self._write_all()
+                except BaseException:
+                    for tid, regs in before.items():  # nothing stays written: back to where they were
+                        world.set_regs(tid, regs)
+                    raise
                 report.moved = len(moves)
-                if watch:
-                    report.busy = self._busy(world, watch, maps)
+                stacks = self._snapshot(world, maps) if watch else []
             finally:
                 world.release()
-                if report.threads:
-                    report.pause_us = (time.perf_counter() - t0) * 1e6
+                report.pause_us = world.longest_stop_us
+        report.busy = _busy(stacks, watch)
         return report
 
     def _check_bytes(self) -> None:
@@ -153,32 +164,30 @@ class Transaction:
                     self.mem.write(c.address, c.expected)
             raise
 
-    def _busy(self, world: World, watch: Sequence[tuple[int, int]], maps: list[Mapping]) -> set[tuple[int, int]]:
-        """Regions of ``watch`` that a stopped thread's RIP or a word of its stack points into (``maps``
-        read just before the stop locates each stack)."""
-        busy: set[tuple[int, int]] = set()
+    def _snapshot(self, world: World, maps: list[Mapping]) -> list[tuple[int, bytes]]:
+        """Each stopped thread's RIP and the used part of its stack (from RSP to the end of the mapping
+        holding it, at most STACK_SCAN_LIMIT bytes). Taken while stopped, scanned after release: once the
+        original bytes are back, no thread can newly enter the watched code."""
+        out = []
         for th in world.stopped_threads():
             assert th.regs is not None
-            values = [th.regs.rip, *self._stack_words(maps, th.regs.rsp)]
-            for addr, size in watch:
-                if any(addr <= v < addr + size for v in values):
-                    busy.add((addr, size))
-        return busy
-
-    def _stack_words(self, maps: list[Mapping], rsp: int) -> list[int]:
-        region = next((m for m in maps if m.start <= rsp < m.end), None)
-        if region is None:
-            return []
-        end = min(region.end, rsp + STACK_SCAN_LIMIT)
-        start = rsp & ~7
-        data = self.mem.try_read(start, end - start)
-        if not data:
-            return []
-        return list(memoryview(data).cast("Q"))
+            rsp = th.regs.rsp
+            region = next((m for m in maps if m.start <= rsp < m.end), None)
+            data = b""
+            if region is not None:
+                start = rsp & ~7
+                data = self.mem.try_read(start, min(region.end, start + STACK_SCAN_LIMIT) - start) or b""
+            out.append((th.regs.rip, data))
+        return out
 
 
-def scan_busy(pid: int, mem: Memory, watch: Sequence[tuple[int, int]]) -> CommitReport:
-    """Stop the world only to find which ``watch`` regions are in use (an empty transaction)."""
-    if not watch:
-        return CommitReport()
-    return Transaction(pid, mem).commit(watch)
+def _busy(stacks: list[tuple[int, bytes]], watch: Sequence[tuple[int, int]]) -> set[tuple[int, int]]:
+    """The regions of ``watch`` that a RIP or a stack word of ``stacks`` points into."""
+    busy: set[tuple[int, int]] = set()
+    for rip, data in stacks:
+        words = sorted([*memoryview(data[: len(data) & ~7]).cast("Q").tolist(), rip])
+        for addr, size in watch:
+            i = bisect.bisect_left(words, addr)
+            if i < len(words) and words[i] < addr + size:
+                busy.add((addr, size))
+    return busy

@@ -21,11 +21,14 @@ from ..elf.image import ElfImage, open_elf
 from ..errors import BuildError, HotpatchError
 from ..x86 import prologue
 from .bundle import PatchBinary
-from .manifest import SECTION, Function, Manifest
+from .manifest import SECTION, Function, Manifest, analysis_digest
 
 CXX_SUFFIXES = {".cc", ".cpp", ".cxx", ".C", ".c++"}
 COMPILE_FLAGS = ["-fPIC", "-O2", "-fno-plt", "-fvisibility=default", "-Wall"]
+# -z noseparate-code: headers, code and read-only data share one R+X segment, so mapping a patch takes
+# fewer injected syscalls (a shorter stop of the injecting thread).
 LINK_FLAGS = [
+    "-Wl,-z,noseparate-code",
     "-shared",
     "-nostartfiles",
     "-Wl,-z,now",
@@ -154,17 +157,9 @@ def _replaced_functions(binary: PatchBinary, tgt_image: ElfImage, target: str) -
             pro = prologue.analyze(sym.name, orig.value, code)
         except HotpatchError as e:
             raise type(e)(f"cannot patch {target}: {e}") from None
-        out.append(
-            Function(
-                sym.name,
-                orig.value,
-                orig.size,
-                hashlib.sha256(code).hexdigest(),
-                pro.site - pro.entry,
-                pro.lengths,
-                pro.position_dependent,
-            )
-        )
+        sha = hashlib.sha256(code).hexdigest()
+        desc = (pro.site - pro.entry, pro.lengths, pro.position_dependent)
+        out.append(Function(sym.name, orig.value, orig.size, sha, *desc, analysis_digest(sha, *desc)))
     if not out:
         raise BuildError(f"the sources define no function of {target} (a replacement must have the same symbol)")
     return tuple(out)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import signal
+import time
 from typing import Final
 
 PTRACE_PEEKDATA: Final = 2
@@ -165,6 +167,35 @@ def wait_tid(tid: int, nohang: bool) -> int | None:
     if got == 0:
         return None
     return status
+
+
+def wait_until(tid: int, deadline: float) -> int | None:
+    """Wait for the next status of tracee ``tid`` until ``time.monotonic()`` reaches ``deadline``.
+
+    Sleeps in ``sigtimedwait(SIGCHLD)`` between polls instead of spinning, so the tool leaves the CPU to the
+    threads it waits for (the kernel sends the tracer SIGCHLD at every ptrace-stop: kernel/signal.c,
+    ``do_notify_parent_cldstop``). The caller must block SIGCHLD (:func:`block_sigchld`) before the request
+    that causes the stop, so the signal stays pending. Returns the status, or None on timeout. Raises
+    ChildProcessError when ``tid`` is no longer a tracee.
+    """
+    while True:
+        status = wait_tid(tid, nohang=True)
+        if status is not None:
+            return status
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        signal.sigtimedwait([signal.SIGCHLD], min(left, 0.005))
+
+
+def block_sigchld() -> set[int | signal.Signals]:
+    """Block SIGCHLD in the calling thread (so ptrace-stop notifications queue up); returns the old mask."""
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+
+
+def restore_sigmask(old: set[int | signal.Signals]) -> None:
+    """Restore a signal mask saved by :func:`block_sigchld` (a queued SIGCHLD is then discarded: ignored)."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def stop_event(status: int) -> int:

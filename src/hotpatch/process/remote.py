@@ -121,13 +121,11 @@ class Injector:
         ptrace.singlestep(th.tid)
         while True:
             try:
-                status = ptrace.wait_tid(th.tid, nohang=True)
+                status = ptrace.wait_until(th.tid, deadline)
             except ChildProcessError:
                 raise TargetError(f"PID {self.world.pid} exited during an injected system call") from None
             if status is None:
-                if time.monotonic() > deadline:
-                    raise TargetError(f"an injected system call in thread {th.tid} did not return in time")
-                continue
+                raise TargetError(f"an injected system call in thread {th.tid} did not return in time")
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
                 del self.world.threads[th.tid]
                 raise TargetError(f"PID {self.world.pid} exited during an injected system call")

@@ -10,6 +10,7 @@ if the tool dies the kernel detaches every thread and the target runs on (ptrace
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -25,7 +26,6 @@ from .ptrace import PtraceError, Regs
 GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 ERESTART_CODES = frozenset({-512, -513, -514, -516})  # ERESTARTSYS/NOINTR/NOHAND/_RESTARTBLOCK
 STOP_TIMEOUT_S = 2.0
-SPIN_S = 0.0005
 
 
 @dataclass
@@ -92,10 +92,15 @@ class World:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.threads: dict[int, Thread] = {}
+        self.longest_stop_us = 0.0  # the longest window in which threads were stopped, in µs
+        self._stopped_at: float | None = None
+        self._old_mask: set[int | signal.Signals] | None = None
+        self._old_sched: tuple[int, int] | None = None
 
     # -- attach -------------------------------------------------------------------------------------
     def seize(self) -> None:
         """Seize every thread, rescanning /proc/PID/task until a scan adds none (research §3.1)."""
+        self._block()
         while True:
             new = [t for t in list_tids(self.pid) if t not in self.threads]
             if not new:
@@ -107,6 +112,7 @@ class World:
 
     def seize_thread(self, tid: int) -> None:
         """Seize one thread only (for injecting syscalls while the others run on)."""
+        self._block()
         self._seize_one(tid)
         if tid not in self.threads:
             raise TargetError(f"thread {tid} of PID {self.pid} is gone")
@@ -134,6 +140,9 @@ class World:
         the caller's context manager releases) or when the process exits.
         """
         want = list(self.threads) if tids is None else tids
+        if self._stopped_at is None:
+            self._boost()
+            self._stopped_at = time.perf_counter()
         for tid in want:
             th = self.threads.get(tid)
             if th is None or th.stopped:
@@ -159,20 +168,14 @@ class World:
     def _wait_stopped(self, tid: int) -> None:
         th = self.threads[tid]
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        spin_until = time.monotonic() + SPIN_S
         while not th.stopped:
             try:
-                status = ptrace.wait_tid(tid, nohang=True)
+                status = ptrace.wait_until(tid, deadline)
             except ChildProcessError:
                 del self.threads[tid]
                 return
             if status is None:
-                now = time.monotonic()
-                if now > deadline:
-                    raise TargetError(f"thread {tid} of PID {self.pid} did not stop within {STOP_TIMEOUT_S:g} s")
-                if now > spin_until:
-                    time.sleep(0.0001)
-                continue
+                raise TargetError(f"thread {tid} of PID {self.pid} did not stop within {STOP_TIMEOUT_S:g} s")
             self._on_status(th, status)
 
     def _on_status(self, th: Thread, status: int) -> None:
@@ -224,6 +227,7 @@ class World:
                     raise
             self._after_release(th)
             th.stopped = False
+        self._running()
 
     def release(self) -> None:
         """Detach from every thread, delivering kept signals; never raises for threads that vanished."""
@@ -242,6 +246,36 @@ class World:
                 pass
             self._after_release(th)
         self.threads.clear()
+        self._running()
+        if self._old_mask is not None:
+            ptrace.restore_sigmask(self._old_mask)
+            self._old_mask = None
+
+    # -- the tool's own scheduling ------------------------------------------------------------------
+    def _block(self) -> None:
+        if self._old_mask is None:
+            self._old_mask = ptrace.block_sigchld()
+
+    def _boost(self) -> None:
+        """Run the tool as SCHED_FIFO while target threads are stopped, when allowed (root or
+        CAP_SYS_NICE): the stop window then does not wait behind the target's runnable threads (research §7.1
+        measured its latencies with SCHED_FIFO). Without the permission nothing changes."""
+        try:
+            old = (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority)
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+            self._old_sched = old
+        except OSError:
+            self._old_sched = None
+
+    def _running(self) -> None:
+        """Every thread runs again: close the stop window, drop the boost."""
+        if self._stopped_at is not None:
+            self.longest_stop_us = max(self.longest_stop_us, (time.perf_counter() - self._stopped_at) * 1e6)
+            self._stopped_at = None
+        if self._old_sched is not None:
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(0, self._old_sched[0], os.sched_param(self._old_sched[1]))
+            self._old_sched = None
 
     def _after_release(self, th: Thread) -> None:
         for sig in th.extra_signals:
