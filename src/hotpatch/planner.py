@@ -82,7 +82,7 @@ def plan_sites(
                 f"the bytes of {f.symbol} at {entry:#x} in {module.path} differ from the ones the patch was "
                 "built against (another build, or changed by something else)"
             )
-        if f.lengths:
+        if f.analysis_trusted:
             pro = x86prologue.Prologue.from_manifest(entry, bytes(code), f.site_offset, f.lengths, f.position_dependent)
         else:
             pro = x86prologue.analyze(f.symbol, entry, bytes(code))

@@ -61,8 +61,10 @@ class PatchBinary:
         self.data = data
         self.image = ElfImage(data, where)
         img = self.image
-        if img.machine != "x86_64" or img.elfclass != 64:
+        if img.machine != "x86_64":
             raise PatchFileError(f"{where} is a patch for {img.machine} (ELF{img.elfclass}), not for x86_64")
+        if img.elfclass != 64 or data[5] != 1:
+            raise PatchFileError(f"{where} is corrupt (its ELF class/data bytes are not 64-bit little-endian)")
         if img.type != ET_DYN:
             raise PatchFileError(f"{where} is not a shared object")
         self.segments = [
@@ -146,3 +148,6 @@ class PatchFile(PatchBinary):
             raise PatchFileError(f"{path} is a patch for {self.manifest.arch}, not for x86_64")
         if self.manifest.content_sha256 != self.content_sha256:
             raise PatchFileError(f"{path} is corrupt: its code does not match the hash in its manifest")
+        missing = [f.symbol for f in self.manifest.functions if f.symbol not in self.symbols]
+        if missing:  # the section headers that locate .dynsym are outside the content hash
+            raise PatchFileError(f"{path} is corrupt: it does not define {', '.join(missing)}, named in its manifest")

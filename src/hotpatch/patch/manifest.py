@@ -7,6 +7,7 @@ apply needs (target build-id, each function's size and the SHA-256 of its bytes 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import MISSING, asdict, dataclass, fields
@@ -34,6 +35,20 @@ class Function:
     site_offset: int = 0
     lengths: tuple[int, ...] = ()
     position_dependent: bool = True
+    analysis: str = ""  # analysis_digest() of the above as build wrote it
+
+    @property
+    def analysis_trusted(self) -> bool:
+        """True when the site description is the one ``build`` bound to ``sha256``; a damaged, hand-edited or
+        older manifest is not trusted and ``apply`` analyses the function's bytes afresh."""
+        return bool(self.lengths) and self.analysis == analysis_digest(
+            self.sha256, self.site_offset, self.lengths, self.position_dependent
+        )
+
+
+def analysis_digest(sha256: str, site_offset: int, lengths: tuple[int, ...], position_dependent: bool) -> str:
+    """SHA-256 binding a build-time site description to the hash of the function's bytes."""
+    return hashlib.sha256(json.dumps([sha256, site_offset, list(lengths), position_dependent]).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -102,6 +117,7 @@ class Manifest:
                 and f.site_offset in (0, 4)
                 and all(isinstance(n, int) and 0 < n <= 15 for n in f.lengths)
                 and isinstance(f.position_dependent, bool)
+                and isinstance(f.analysis, str)
                 for f in self.functions
             )
         )
