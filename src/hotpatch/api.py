@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from . import state as statemod
 from .errors import HotpatchError, StateError, TargetError, UpToDateError
@@ -42,8 +42,7 @@ from .x86.trampoline import MAX_TRAMPOLINE
 LOCK_TIMEOUT_S = 10.0
 
 
-@dataclass(frozen=True)
-class SiteStatus:
+class SiteStatus(NamedTuple):
     """A site as ``status`` reports it: symbol, entry and site addresses, class, protocol."""
 
     symbol: str
@@ -53,8 +52,7 @@ class SiteStatus:
     protocol: str
 
 
-@dataclass(frozen=True)
-class PatchStatus:
+class PatchStatus(NamedTuple):
     """An applied patch read from the target: ``state`` is ``applied``, ``partial`` or ``reverted``
     (decided by the bytes at its sites, :func:`hotpatch.state.site_status`)."""
 
@@ -66,29 +64,32 @@ class PatchStatus:
     sites: tuple[SiteStatus, ...]
 
 
-@dataclass(frozen=True)
-class Status:
+class Status(NamedTuple):
     """Everything ``status`` knows: the patches and the regions kept mapped after revert (addr, bytes)."""
 
     pid: int
     patches: tuple[PatchStatus, ...]
     retained: tuple[tuple[int, int], ...] = ()
 
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (``status --json``)."""
+        patches = [{**p._asdict(), "sites": [s._asdict() for s in p.sites]} for p in self.patches]
+        return {"pid": self.pid, "patches": patches, "retained": [list(r) for r in self.retained]}
 
-@dataclass
+
 class Report:
-    """What an apply or revert did: patch name and version, sites, ``pause_us`` (the longest window in µs in
-    which any target thread was stopped, over the commit and every injection), threads stopped by the
-    commit, threads moved out of overwritten bytes, regions kept mapped (addr, bytes)."""
+    """What an apply or revert did: patch ``name`` and ``version``, ``sites`` (symbol, address),
+    ``pause_us`` (the longest window in µs in which any target thread was stopped, over the commit and every
+    injection), ``threads`` stopped by the commit, threads ``moved`` out of overwritten bytes, regions
+    ``retained`` (kept mapped: addr, bytes) and, for an upgrade, the ``replaced_version``."""
 
-    name: str
-    version: int
-    sites: list[tuple[str, int]] = field(default_factory=list)
-    pause_us: float = 0.0
-    threads: int = 0
-    moved: int = 0
-    retained: list[tuple[int, int]] = field(default_factory=list)
-    replaced_version: int | None = None
+    def __init__(
+        self, name: str, version: int, sites: list[tuple[str, int]], pause_us: float, threads: int, moved: int
+    ) -> None:
+        self.name, self.version, self.sites = name, version, sites
+        self.pause_us, self.threads, self.moved = pause_us, threads, moved
+        self.retained: list[tuple[int, int]] = []
+        self.replaced_version: int | None = None
 
 
 def _check_target(pid: int) -> None:

@@ -10,7 +10,6 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any, TypeVar
 
 import click
@@ -156,7 +155,7 @@ def status(pid: int, as_json: bool) -> None:
     with attach(pid) as target:
         st = target.status()
     if as_json:
-        click.echo(json.dumps(asdict(st), indent=2))
+        click.echo(json.dumps(st.as_dict(), indent=2))
         return
     if not st.patches:
         click.echo(f"PID {pid}: no patch applied")

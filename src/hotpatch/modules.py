@@ -14,25 +14,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from .elf.image import ElfImage, open_elf
 from .errors import HotpatchError, MismatchError, SymbolError
 from .process.maps import Mapping
 
 
-@dataclass
 class Module:
     """One mapped ELF object: ``path`` as maps shows it, ``bias`` (bytes added to link-time addresses),
-    ``start``/``end`` spanning its mappings, and ``file``, a path hotpatch can open."""
+    ``start``/``end`` spanning its mappings, ``first`` its mapping of the lowest file offset, and ``file``, a
+    path hotpatch can open."""
 
-    path: str
-    file: str
-    start: int
-    end: int
-    first: Mapping
-    _image: ElfImage | None = field(default=None, repr=False)
-    _bias: int | None = field(default=None, repr=False)
+    __slots__ = ("_bias", "_image", "end", "file", "first", "path", "start")
+
+    def __init__(self, path: str, file: str, start: int, end: int, first: Mapping) -> None:
+        self.path, self.file, self.start, self.end, self.first = path, file, start, end, first
+        self._image: ElfImage | None = None
+        self._bias: int | None = None
 
     @property
     def image(self) -> ElfImage:

@@ -10,7 +10,7 @@ and its protocol B (DESIGN.md §4).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import MismatchError, SiteError
 from .modules import Module
@@ -22,8 +22,7 @@ from .x86 import trampoline as x86trampoline
 from .x86.encode import JMP_REL32_LEN, jmp_rel32
 
 
-@dataclass(frozen=True)
-class SitePlan:
+class SitePlan(NamedTuple):
     """One function to redirect: its manifest entry, analysed prologue, and ``current`` bytes at the site
     (the original ones, or an older version's jump when upgrading)."""
 
@@ -42,8 +41,7 @@ class SitePlan:
         return self.current != self.original
 
 
-@dataclass(frozen=True)
-class PlacedSite:
+class PlacedSite(NamedTuple):
     """A site with its replacement and trampoline addresses fixed: the new bytes are known."""
 
     plan: SitePlan

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import StateError, TargetError
 from .process.maps import Mapping
@@ -41,8 +40,7 @@ SLOT_SIZE = (SIZE - HEADER) // 2
 ACTIVE_OFFSET = len(MAGIC)
 
 
-@dataclass
-class SiteRecord:
+class SiteRecord(NamedTuple):
     """One redirected site: function ``symbol`` at ``entry``; the jump at ``site`` (entry or entry+4);
     ``original``/``new``: hex bytes there before/after; ``replacement`` and ``trampoline`` addresses;
     ``klass`` and ``protocol`` as DESIGN.md §4 names them."""
@@ -58,8 +56,7 @@ class SiteRecord:
     protocol: str = "B"
 
 
-@dataclass
-class PatchRecord:
+class PatchRecord(NamedTuple):
     """An applied patch: identity, target module, when (UTC ISO 8601), memory regions ``[addr, size]``
     mapped for it, and its sites."""
 
@@ -73,17 +70,23 @@ class PatchRecord:
 
     @staticmethod
     def from_dict(doc: dict[str, Any]) -> PatchRecord:
-        """Inverse of ``dataclasses.asdict``."""
+        """Inverse of :meth:`as_dict`."""
         return PatchRecord(**{**doc, "sites": [SiteRecord(**s) for s in doc["sites"]]})
 
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict, sites included."""
+        return {**self._asdict(), "sites": [s._asdict() for s in self.sites]}
 
-@dataclass
+
 class Record:
-    """The whole record: ``patches`` in force (or pending), and ``retired`` regions of reverted or replaced
-    patches still mapped because a thread might be executing in them."""
+    """The whole record: ``patches`` in force (or pending), and ``retired`` regions ``[addr, size]`` of
+    reverted or replaced patches still mapped because a thread might be executing in them."""
 
-    patches: list[PatchRecord] = field(default_factory=list)
-    retired: list[list[int]] = field(default_factory=list)
+    __slots__ = ("patches", "retired")
+
+    def __init__(self, patches: list[PatchRecord] | None = None, retired: list[list[int]] | None = None) -> None:
+        self.patches: list[PatchRecord] = patches if patches is not None else []
+        self.retired: list[list[int]] = retired if retired is not None else []
 
     def find(self, name: str) -> PatchRecord | None:
         """The patch record called ``name``, or None."""
@@ -91,7 +94,8 @@ class Record:
 
     def to_json(self) -> bytes:
         """Serialise for a slot."""
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        doc = {"patches": [p.as_dict() for p in self.patches], "retired": self.retired}
+        return json.dumps(doc, separators=(",", ":")).encode()
 
     @staticmethod
     def from_json(raw: bytes) -> Record:

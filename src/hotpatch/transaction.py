@@ -15,8 +15,10 @@ from __future__ import annotations
 import bisect
 import signal
 from collections.abc import Iterator, Sequence
+from collections.abc import Mapping as MappingOf
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NamedTuple
 
 from .errors import HotpatchError, MismatchError, SiteError
 from .process import ptrace
@@ -27,8 +29,7 @@ from .process.threads import Thread, World
 STACK_SCAN_LIMIT = 1 << 20  # bytes of stack scanned per thread for return addresses
 
 
-@dataclass(frozen=True)
-class SiteChange:
+class SiteChange(NamedTuple):
     """Replace ``expected`` by ``new`` at ``address`` (same length).
 
     ``rip_map`` maps every instruction boundary strictly inside the overwritten instructions
@@ -41,19 +42,21 @@ class SiteChange:
     new: bytes
     label: str
     span: int = 0
-    rip_map: dict[int, int] = field(default_factory=dict)
+    rip_map: MappingOf[int, int] = MappingProxyType({})
 
 
-@dataclass
 class CommitReport:
     """What a commit did: ``pause_us`` (µs from the first interrupt to the last release), ``threads``
     stopped, threads ``moved`` out of overwritten bytes, and watched regions found ``busy`` (a RIP or a
     stack word inside them)."""
 
-    pause_us: float = 0.0
-    threads: int = 0
-    moved: int = 0
-    busy: set[tuple[int, int]] = field(default_factory=set)
+    __slots__ = ("busy", "moved", "pause_us", "threads")
+
+    def __init__(self) -> None:
+        self.pause_us = 0.0
+        self.threads = 0
+        self.moved = 0
+        self.busy: set[tuple[int, int]] = set()
 
 
 @contextmanager

@@ -13,9 +13,9 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 from ..elf.image import ElfImage, open_elf
 from ..errors import BuildError, HotpatchError
@@ -38,8 +38,7 @@ LINK_FLAGS = [
 ]
 
 
-@dataclass(frozen=True)
-class BuildResult:
+class BuildResult(NamedTuple):
     """What ``build`` wrote: the output path and its manifest."""
 
     path: str

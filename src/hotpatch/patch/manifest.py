@@ -10,8 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import MISSING, asdict, dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import PatchFileError
 
@@ -20,8 +19,7 @@ FORMAT = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 
 
-@dataclass(frozen=True)
-class Function:
+class Function(NamedTuple):
     """A replaced function: its ``symbol``, link-time address ``value`` and ``size`` (bytes) in the target
     module, and ``sha256`` of those ``size`` bytes in the target file. The build-time site analysis
     (:func:`hotpatch.x86.prologue.analyze`) rides along: ``site_offset`` (0, or 4 after ``endbr64``), the
@@ -51,8 +49,7 @@ def analysis_digest(sha256: str, site_offset: int, lengths: tuple[int, ...], pos
     return hashlib.sha256(json.dumps([sha256, site_offset, list(lengths), position_dependent]).encode()).hexdigest()
 
 
-@dataclass(frozen=True)
-class Manifest:
+class Manifest(NamedTuple):
     """Everything ``apply`` checks before it writes a byte.
 
     ``name``/``version``: the patch's identity (a newer version replaces an older one); ``build_id``/``file``:
@@ -70,8 +67,7 @@ class Manifest:
 
     def to_json(self) -> bytes:
         """Serialize (stable key order) for the manifest section."""
-        doc = asdict(self)
-        doc["format"] = FORMAT
+        doc = {**self._asdict(), "functions": [f._asdict() for f in self.functions], "format": FORMAT}
         return json.dumps(doc, sort_keys=True, indent=1).encode()
 
     @staticmethod
@@ -125,13 +121,14 @@ class Manifest:
             raise PatchFileError(f"{where}: the manifest has an invalid field")
 
 
-def _fields(doc: Any, cls: type) -> dict[str, Any]:
+def _fields(doc: Any, cls: type[Function] | type[Manifest]) -> dict[str, Any]:
+    """The fields of ``cls`` found in ``doc``; KeyError for a missing field without a default."""
     if not isinstance(doc, dict):
         raise TypeError("not an object")
     out = {}
-    for f in fields(cls):
-        if f.name in doc:
-            out[f.name] = doc[f.name]
-        elif f.default is MISSING:
-            raise KeyError(f.name)
+    for name in cls._fields:
+        if name in doc:
+            out[name] = doc[name]
+        elif name not in cls._field_defaults:
+            raise KeyError(name)
     return out

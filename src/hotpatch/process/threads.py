@@ -17,7 +17,6 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 from ..errors import TargetError
 from . import ptrace
@@ -28,17 +27,20 @@ ERESTART_CODES = frozenset({-512, -513, -514, -516})  # ERESTARTSYS/NOINTR/NOHAN
 STOP_TIMEOUT_S = 2.0
 
 
-@dataclass
 class Thread:
-    """One seized thread. ``regs`` is valid while it is stopped; ``signal`` is re-injected on release."""
+    """One seized thread. ``regs`` is valid while it is stopped (``dirty``: changed, to be written back);
+    ``signal`` is re-injected on release; ``extra_signals`` are re-raised with tgkill on release."""
 
-    tid: int
-    stopped: bool = False
-    signal: int = 0
-    group_stop: bool = False
-    regs: Regs | None = None
-    dirty: bool = False
-    extra_signals: list[int] = field(default_factory=list)  # re-raised with tgkill on release
+    __slots__ = ("dirty", "extra_signals", "group_stop", "regs", "signal", "stopped", "tid")
+
+    def __init__(self, tid: int) -> None:
+        self.tid = tid
+        self.stopped = False
+        self.signal = 0
+        self.group_stop = False
+        self.regs: Regs | None = None
+        self.dirty = False
+        self.extra_signals: list[int] = []
 
     @property
     def in_syscall(self) -> bool:

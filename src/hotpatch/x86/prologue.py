@@ -17,15 +17,13 @@ the first bytes of a function, and DESIGN.md measured 0.1–0.4% of functions wi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import SiteError
 from .encode import ENDBR64, JMP_REL32_LEN
 
 
-@dataclass(frozen=True)
-class Prologue:
+class Prologue(NamedTuple):
     """The analysed start of one function.
 
     ``entry``: the function's address; ``site``: where the jump goes (entry, or entry+4 after ``endbr64``);
