@@ -313,14 +313,14 @@ class Target:
         ``/proc/PID/mem``, which needs no write permission.
         """
         rx = remote.PROT_READ | remote.PROT_EXEC
-        if state_addr is None:
-            with self._injector(maps) as inject:  # once per target, in a stop of its own
-                state_addr = statemod.create(inject, self.mem)
         for region in candidates[:16]:
             tramp_area = region + layout.span
             replacements = {s.name: region - layout.min_vaddr + s.value for s in pf.symbols.values()}
             placed = place(plans, replacements, tramp_area)
             img = load(pf, layout, region, resolve, {s.plan.function.symbol: s.trampoline.address for s in placed})
+            if state_addr is None:  # once per target, in a stop of its own, after load() resolved every symbol
+                with self._injector(maps) as inject:
+                    state_addr = statemod.create(inject, self.mem)
             with self._injector(maps) as inject:
                 try:
                     remote.mmap_fixed(inject, region, layout.size, rx)

@@ -52,6 +52,16 @@ def _compile(src: Path, out: Path) -> None:
         raise HotpatchError(f"compiling the demo program failed: {res.stderr.strip().splitlines()[:1]}")
 
 
+def _demangle(symbols: list[str]) -> list[str]:
+    """C++ names as people read them (binutils' c++filt, installed with objcopy); unchanged on failure."""
+    try:
+        res = subprocess.run(["c++filt"], input="\n".join(symbols), capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return symbols
+    names = res.stdout.splitlines()
+    return names if len(names) == len(symbols) else symbols
+
+
 def _expect(lines: list[str], wanted: tuple[str, ...], phase: str) -> None:
     for w in wanted:
         if w not in lines:
@@ -77,7 +87,7 @@ def run(seconds: float, echo: Callable[[str], None]) -> None:
             _expect(tail.lines, ORIGINAL, "before the patch")
             echo(f"[demo] hotpatch build demo_patch.c --target {exe.name} -o {patch.name}")
             res = build([str(pkg / "demo_patch.c")], str(exe), str(patch), name="demo-fix", version=1)
-            echo(f"[demo]   replaces {', '.join(f.symbol for f in res.manifest.functions)}")
+            echo(f"[demo]   replaces {', '.join(_demangle([f.symbol for f in res.manifest.functions]))}")
             with attach(proc.pid) as target:
                 echo(f"[demo] hotpatch apply --pid {proc.pid} {patch.name}")
                 rep = target.apply(str(patch))
@@ -88,9 +98,10 @@ def run(seconds: float, echo: Callable[[str], None]) -> None:
                 time.sleep(seconds)
                 _expect(tail.since(mark), PATCHED, "after apply")
                 for p in target.status().patches:
+                    names = _demangle([s.symbol for s in p.sites])
                     echo(
                         f"[demo] hotpatch status --pid {proc.pid}: {p.name} version {p.version} {p.state}, "
-                        + ", ".join(f"{s.symbol} at {s.site:#x}" for s in p.sites)
+                        + ", ".join(f"{n} at {s.site:#x}" for n, s in zip(names, p.sites, strict=True))
                     )
                 echo(f"[demo] hotpatch revert --pid {proc.pid} demo-fix")
                 target.revert("demo-fix")
