@@ -7,9 +7,8 @@ hold: a short stop of the main thread alone for injected system calls (mmap, mpr
 where every thread is stopped (a worker thread's ``TracerPid`` is the tool). ``hotpatch apply`` is then
 started again and again and SIGKILLed, by PID, either at a fraction of the measured duration after its
 start, or a given number of microseconds into the commit or after it (busy-waiting on ``time.perf_counter``
-for sub-millisecond precision). A kill whose time falls inside an injected-system-call hold is moved to the
-end of that hold: those holds are not safe against SIGKILL yet, which ``test_sigkill_during_injected_syscall``
-shows deterministically (xfail).
+for sub-millisecond precision). Kills land anywhere, injected-system-call holds included
+(``test_sigkill_during_injected_syscall`` also hits those deterministically).
 
 After every kill: the target runs, no thread stopped, no tracer; ``hotpatch status --pid PID --json`` shows
 the patch ``applied`` or not in force (absent or ``reverted``), never ``partial``, and agrees with the bytes
@@ -21,7 +20,7 @@ threads saw: old and new ones, and (it is still running) no wrong one.
 Exact points. A small script runs the CLI with one internal function wrapped so that the process SIGKILLs
 itself right after it (fault injection on a real process; nothing is mocked): right after the site bytes
 are written, with a thread blocked in a system call inside the overwritten bytes (``targets/kill_blocked.c``),
-and right after the tool redirected a thread for an injected system call.
+and right after the tool redirected a thread for an injected system call or resumed it into the call.
 """
 
 from __future__ import annotations
@@ -250,9 +249,8 @@ def run_watched(procs: Procs, t: Target, args: list[str]) -> Timing:
 
 def kill_tool(procs: Procs, t: Target, args: list[str], point: tuple[str, float]) -> bool:
     """Start ``hotpatch ARGS`` and SIGKILL it at ``point``: ("time", seconds after its start), ("commit",
-    seconds after it stopped every thread) or ("after", seconds after the commit released them). A kill that
-    falls inside an injected-system-call hold is moved to its end. Returns True when the kill landed before
-    the tool finished."""
+    seconds after it stopped every thread) or ("after", seconds after the commit released them). Returns True
+    when the kill landed before the tool finished."""
     mode, delay = point
     worker = a_worker(t.pid)
     p = procs.start(sys.executable, "-m", "hotpatch", *args, stdout=subprocess.DEVNULL)
@@ -265,8 +263,6 @@ def kill_tool(procs: Procs, t: Target, args: list[str], point: tuple[str, float]
         while mode == "after" and p.poll() is None and tracer_of(t.pid, worker) == p.pid:
             pass
         spin_until(time.perf_counter() + delay)
-    while p.poll() is None and tracer_of(t.pid) == p.pid and tracer_of(t.pid, worker) != p.pid:
-        pass  # an injected-system-call hold (only the main thread traced): see test_sigkill_during_injected_syscall
     killed = p.poll() is None
     if killed:
         os.kill(p.pid, signal.SIGKILL)
@@ -447,14 +443,7 @@ def test_sigkill_after_site_write_with_thread_inside(tmp_path: Path, procs: Proc
     wait_running(t)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known bug: injected system calls redirect a thread (registers, PTRACE_SINGLESTEP); a tool killed "
-    "meanwhile leaves it running injected registers with the trap flag set, and the target dies (SIGTRAP or "
-    "SIGSEGV). Remove this marker once the injection survives the death of the tool.",
-)
-@pytest.mark.parametrize("where", ["hotpatch.process.ptrace.set_regs", "hotpatch.process.ptrace.singlestep"])
+@pytest.mark.parametrize("where", ["hotpatch.process.ptrace.set_regs", "hotpatch.process.ptrace.syscall"])
 def test_sigkill_during_injected_syscall(tmp_path: Path, procs: Procs, where: str) -> None:
     """The tool dies while a thread runs an injected system call (right after its registers were redirected,
     or right after the single-step was requested): the target must run on unharmed and untraced."""

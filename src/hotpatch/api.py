@@ -34,7 +34,7 @@ from .process import remote
 from .process.maps import Mapping, gap_candidates, read_maps
 from .process.memory import Memory
 from .process.remote import Injector, SyscallError
-from .process.threads import World, _is_zombie, list_tids
+from .process.threads import World, is_zombie, list_tids
 from .state import PatchRecord, Record, SiteRecord
 from .transaction import CommitReport, SiteChange, Transaction
 from .x86.trampoline import MAX_TRAMPOLINE
@@ -120,7 +120,7 @@ class Target:
         _check_target(pid)
         self.pid = pid
         self.mem = Memory(pid)
-        self._syscall_insn: int | None = None
+        self._stub_area: int | None = None
         self._stops_us: list[float] = []  # stop windows of the running operation (injections), in µs
 
     def close(self) -> None:
@@ -159,23 +159,27 @@ class Target:
     @contextmanager
     def _injector(self, maps: list[Mapping]) -> Iterator[Injector]:
         """One thread stopped for injected syscalls; the others run on."""
-        if self._syscall_insn is None:
-            self._syscall_insn = remote.find_syscall_insn(maps, self.mem)
+        if self._stub_area is None:
+            self._stub_area = remote.find_stub_area(self.pid, maps, self.mem)
         world = World(self.pid)
+        inject: Injector | None = None
         try:
             for tid in [self.pid, *list_tids(self.pid)]:
                 try:
                     world.seize_thread(tid)
                 except TargetError:
-                    if tid == self.pid and _is_zombie(self.pid, tid):
+                    if tid == self.pid and is_zombie(self.pid, tid):
                         continue  # the main thread has exited: inject through another one
                     raise  # e.g. already traced by another tracer: refuse before changing anything
                 world.stop([tid])
                 if tid in world.threads and not world.threads[tid].group_stop:
                     break
                 world.release()
-            yield Injector(world, self._syscall_insn)
+            inject = Injector(world, self.mem, self._stub_area)
+            yield inject
         finally:
+            if inject is not None:
+                inject.close()
             world.release()
             self._stops_us.append(world.longest_stop_us)
 

@@ -19,20 +19,25 @@ from typing import Final
 
 PTRACE_PEEKDATA: Final = 2
 PTRACE_CONT: Final = 7
-PTRACE_SINGLESTEP: Final = 9
 PTRACE_GETREGS: Final = 12
 PTRACE_SETREGS: Final = 13
 PTRACE_DETACH: Final = 17
 PTRACE_SETOPTIONS: Final = 0x4200
 PTRACE_GETEVENTMSG: Final = 0x4201
+PTRACE_SYSCALL: Final = 24
 PTRACE_SEIZE: Final = 0x4206
 PTRACE_INTERRUPT: Final = 0x4207
+PTRACE_GET_SYSCALL_INFO: Final = 0x420E
 
+PTRACE_O_TRACESYSGOOD: Final = 0x1
 PTRACE_O_TRACECLONE: Final = 0x8
+SYSCALL_STOP: Final = 0x85  # SIGTRAP | 0x80: a syscall-stop under PTRACE_O_TRACESYSGOOD
+SYSCALL_INFO_ENTRY, SYSCALL_INFO_EXIT = 1, 2
 PTRACE_EVENT_CLONE: Final = 3
 PTRACE_EVENT_STOP: Final = 128
 
 WALL: Final = 0x40000000  # __WALL: wait for clone children (threads) too
+SPIN_S: Final = 0.0003  # seconds of polling before sleeping in wait_until
 
 _libc = ctypes.CDLL(None, use_errno=True)  # the process's global namespace, which holds libc
 _ptrace = _libc.ptrace
@@ -102,7 +107,7 @@ def _call(request: int, tid: int, addr: int = 0, data: int | ctypes.c_void_p | N
     return res
 
 
-def seize(tid: int, options: int = PTRACE_O_TRACECLONE) -> None:
+def seize(tid: int, options: int = PTRACE_O_TRACECLONE | PTRACE_O_TRACESYSGOOD) -> None:
     """Attach to thread ``tid`` without stopping it (``PTRACE_SEIZE``).
 
     Raises PtraceError (EPERM: not permitted or already traced; ESRCH: no such thread).
@@ -120,9 +125,17 @@ def cont(tid: int, sig: int = 0) -> None:
     _call(PTRACE_CONT, tid, 0, ctypes.c_void_p(sig))
 
 
-def singlestep(tid: int, sig: int = 0) -> None:
-    """Resume a stopped tracee for one instruction (a ``syscall`` instruction completes first)."""
-    _call(PTRACE_SINGLESTEP, tid, 0, ctypes.c_void_p(sig))
+def syscall(tid: int, sig: int = 0) -> None:
+    """Resume a stopped tracee until its next syscall-entry or syscall-exit stop (``PTRACE_SYSCALL``)."""
+    _call(PTRACE_SYSCALL, tid, 0, ctypes.c_void_p(sig))
+
+
+def syscall_op(tid: int) -> int:
+    """At a syscall-stop, ``SYSCALL_INFO_ENTRY`` or ``SYSCALL_INFO_EXIT`` (``PTRACE_GET_SYSCALL_INFO``, Linux
+    5.3; ``struct ptrace_syscall_info.op`` is its first byte)."""
+    buf = ctypes.create_string_buffer(88)
+    _call(PTRACE_GET_SYSCALL_INFO, tid, len(buf), ctypes.cast(buf, ctypes.c_void_p))
+    return buf.raw[0]
 
 
 def detach(tid: int, sig: int = 0) -> None:
@@ -172,20 +185,24 @@ def wait_tid(tid: int, nohang: bool) -> int | None:
 def wait_until(tid: int, deadline: float) -> int | None:
     """Wait for the next status of tracee ``tid`` until ``time.monotonic()`` reaches ``deadline``.
 
-    Sleeps in ``sigtimedwait(SIGCHLD)`` between polls instead of spinning, so the tool leaves the CPU to the
+    Polls for ``SPIN_S`` (a ptrace round trip is usually shorter: waking from a signal wait costs more than
+    that here), then sleeps in ``sigtimedwait(SIGCHLD)`` between polls, so a long wait leaves the CPU to the
     threads it waits for (the kernel sends the tracer SIGCHLD at every ptrace-stop: kernel/signal.c,
     ``do_notify_parent_cldstop``). The caller must block SIGCHLD (:func:`block_sigchld`) before the request
     that causes the stop, so the signal stays pending. Returns the status, or None on timeout. Raises
     ChildProcessError when ``tid`` is no longer a tracee.
     """
+    spin_until = time.monotonic() + SPIN_S
     while True:
         status = wait_tid(tid, nohang=True)
         if status is not None:
             return status
-        left = deadline - time.monotonic()
-        if left <= 0:
+        now = time.monotonic()
+        if now < spin_until:
+            continue
+        if now >= deadline:
             return None
-        signal.sigtimedwait([signal.SIGCHLD], min(left, 0.005))
+        signal.sigtimedwait([signal.SIGCHLD], min(deadline - now, 0.005))
 
 
 def block_sigchld() -> set[int | signal.Signals]:

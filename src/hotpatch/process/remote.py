@@ -1,10 +1,15 @@
 """Raw system calls injected into a stopped thread of the target.
 
-The thread's registers are saved, RIP is pointed at an existing ``syscall`` instruction (``0F 05``, found in
-the vDSO or another executable mapping), ``orig_rax`` is set to -1 so the kernel's restart logic leaves RIP
-alone, one ``PTRACE_SINGLESTEP`` runs the call, and the saved registers are put back, so a syscall the thread
-was blocked in restarts as if nothing happened (research §4.1 and §4.3; CRIU's ``parasite_setup_regs``).
-No libc function ever runs in the target (DESIGN.md §5, "Deadlock").
+The thread's registers are saved and a stub is written into never-executed bytes of an executable mapping (the
+zero padding after a module's executable segment, in the last page of its mapping): a ``syscall`` followed by
+code that restores the saved registers and jumps back (:mod:`hotpatch.x86.stub`). The thread's RIP is pointed
+at the stub with the call's number and arguments in its registers and ``orig_rax`` = -1 (so the kernel's
+restart logic leaves RIP alone), and ``PTRACE_SYSCALL`` runs it to its syscall-exit stop, where the result is
+read. At the end the tracer restores the registers itself, applying the syscall restart by hand (research
+§4.3). If the tool is killed at any moment, the kernel detaches the thread and it runs through the stub back to
+where it was: an injection never leaves a thread with foreign registers or a trap flag (DESIGN.md §5, "Tracer
+death"). No libc function ever runs in the target (DESIGN.md §5, "Deadlock"); CRIU's parasite and libpulp
+inject the same way, with the trap-based return this design avoids.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import signal
 import time
 from typing import Final
 
-from ..errors import TargetError
+from ..elf.image import PT_LOAD, open_elf
+from ..errors import HotpatchError, TargetError
+from ..x86 import stub as x86stub
 from . import ptrace
-from .maps import Mapping
+from .maps import Mapping, page_up
 from .memory import Memory
 from .threads import Thread, World
 
@@ -37,25 +44,36 @@ MAP_ANONYMOUS: Final = 0x20
 MAP_FIXED_NOREPLACE: Final = 0x100000
 MFD_CLOEXEC: Final = 1
 
-STEP_TIMEOUT_S = 2.0
+CALL_TIMEOUT_S = 2.0
 
 
-def find_syscall_insn(maps: list[Mapping], mem: Memory) -> int:
-    """Address of a ``0F 05`` byte pair in an executable mapping, the vDSO first (it is small).
+def find_stub_area(pid: int, maps: list[Mapping], mem: Memory) -> int:
+    """An address of ``STUB_SIZE`` never-executed, zero bytes in an executable mapping of the target.
 
-    Raises TargetError when the target has no such bytes in any readable executable mapping.
+    They lie after the end of a module's executable PT_LOAD, in the last page of its mapping: the file's
+    padding up to the page boundary (System V gABI, "Program Loading"), executable but not code. The
+    executable is tried first, then the other modules. Raises TargetError when no module has such room.
     """
-    ordered = sorted((m for m in maps if m.executable), key=lambda m: (m.path != "[vdso]", m.end - m.start))
-    for m in ordered:
-        if m.path == "[vsyscall]":
+    for m in sorted((m for m in maps if m.executable and m.path.startswith("/")), key=lambda m: m.start):
+        path = m.path.removesuffix(" (deleted)")
+        rooted = f"/proc/{pid}/root{path}"
+        try:
+            img = open_elf(rooted if os.path.exists(rooted) else f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}")
+        except HotpatchError:
             continue
-        data = mem.try_read(m.start, min(m.end - m.start, 1 << 22))
-        if data is None:
-            continue
-        at = data.find(b"\x0f\x05")
-        if at >= 0:
-            return m.start + at
-    raise TargetError("the target has no syscall instruction to borrow for injected system calls")
+        try:
+            for seg in img.segments:
+                end_off = seg.offset + seg.filesz
+                if seg.type != PT_LOAD or not seg.flags & 1 or not m.offset < end_off <= m.offset + m.end - m.start:
+                    continue
+                start = m.start + (end_off - m.offset)
+                start = (start + 15) & ~15
+                fits = page_up(start) == m.end and m.end - start >= x86stub.STUB_SIZE
+                if fits and mem.try_read(start, x86stub.STUB_SIZE) == bytes(x86stub.STUB_SIZE):
+                    return start
+        finally:
+            img.close()
+    raise TargetError("the target has no executable padding to hold hotpatch's syscall stub")
 
 
 class SyscallError(OSError):
@@ -63,20 +81,26 @@ class SyscallError(OSError):
 
 
 class Injector:
-    """Runs raw syscalls on one stopped thread of a seized :class:`World`.
+    """Runs raw syscalls on one stopped thread of a seized :class:`World`, through the stub at ``stub_area``.
 
-    ``thread`` must be stopped and not in a group-stop. Registers are restored after every call.
-    Each call costs one ptrace round trip (~13 µs measured here, research §4.1).
+    ``thread`` must be stopped and not in a group-stop. Each call costs two ptrace round trips (entry and
+    exit stops). Call :meth:`close` before the world is released: it puts the thread back and erases the stub.
     """
 
-    def __init__(self, world: World, syscall_insn: int, thread: Thread | None = None) -> None:
+    def __init__(self, world: World, mem: Memory, stub_area: int, thread: Thread | None = None) -> None:
         self.world = world
-        self.insn = syscall_insn
+        self.mem = mem
+        self.stub = stub_area
         th = thread or self.pick_thread(world)
         self.thread = th
-        if th.signal:  # a single-step would swallow it: re-raise it on release instead
+        if th.signal:  # resuming would swallow it: re-raise it on release instead
             th.extra_signals.append(th.signal)
             th.signal = 0
+        assert th.regs is not None
+        self.saved = th.regs.copy()
+        self._erased = mem.read(stub_area, x86stub.STUB_SIZE)
+        mem.write(stub_area, x86stub.build(self.saved))
+        self._closed = False
 
     @staticmethod
     def pick_thread(world: World) -> Thread:
@@ -92,33 +116,22 @@ class Injector:
 
         Raises SyscallError(errno) when the kernel returns an error, TargetError if the thread vanished.
         """
-        th = self.thread
-        assert th.regs is not None
-        saved = th.regs.copy()
-        regs = saved.copy()
+        regs = self.saved.copy()
         a = [*args, 0, 0, 0, 0, 0, 0]
         regs.rax, regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9 = nr, *a[:6]
-        regs.rip = self.insn
+        regs.rip = self.stub
         regs.orig_rax = 0xFFFF_FFFF_FFFF_FFFF
         regs.eflags &= ~0x100  # TF
-        try:
-            ptrace.set_regs(th.tid, regs)
-            result = self._step()
-        finally:
-            self.world.set_regs(th.tid, saved)
-            try:
-                ptrace.set_regs(th.tid, saved)
-                th.dirty = False
-            except ptrace.PtraceError:
-                pass
-        if result < 0 and result > -4096:
+        ptrace.set_regs(self.thread.tid, regs)
+        result = self._run()
+        if -4096 < result < 0:
             raise SyscallError(-result, f"syscall {nr}: {os.strerror(-result)}")
         return result
 
-    def _step(self) -> int:
+    def _run(self) -> int:
         th = self.thread
-        deadline = time.monotonic() + STEP_TIMEOUT_S
-        ptrace.singlestep(th.tid)
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        ptrace.syscall(th.tid)
         while True:
             try:
                 status = ptrace.wait_until(th.tid, deadline)
@@ -129,14 +142,31 @@ class Injector:
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
                 del self.world.threads[th.tid]
                 raise TargetError(f"PID {self.world.pid} exited during an injected system call")
-            regs = ptrace.get_regs(th.tid)
             sig = os.WSTOPSIG(status)
-            if ptrace.stop_event(status) == 0 and sig != signal.SIGTRAP:
-                th.extra_signals.append(sig)  # arrived meanwhile: re-raised on release
-            if regs.rip == self.insn + 2:
-                value = regs.rax
+            if sig == ptrace.SYSCALL_STOP and ptrace.syscall_op(th.tid) == ptrace.SYSCALL_INFO_EXIT:
+                value = ptrace.get_regs(th.tid).rax
                 return value - (1 << 64) if value >= 1 << 63 else value
-            ptrace.singlestep(th.tid)  # an interrupt or signal stop came first: step again
+            if ptrace.stop_event(status) == 0 and sig not in (signal.SIGTRAP, ptrace.SYSCALL_STOP):
+                th.extra_signals.append(sig)  # arrived meanwhile: re-raised on release
+            ptrace.syscall(th.tid)  # the entry stop, or an interrupt or signal stop: go on
+
+    def close(self) -> None:
+        """Put the thread back where it was (with the kernel's syscall restart done by hand: it now sits at a
+        syscall-exit stop, where the kernel would not restart the call it was interrupted in) and erase the
+        stub. Idempotent; best effort if the target is gone."""
+        if self._closed:
+            return
+        self._closed = True
+        final = self.saved.copy()
+        final.rip, final.rax = x86stub.resume_point(self.saved)
+        final.orig_rax = 0xFFFF_FFFF_FFFF_FFFF
+        try:
+            ptrace.set_regs(self.thread.tid, final)
+            self.world.set_regs(self.thread.tid, final)
+            self.thread.dirty = False
+            self.mem.write(self.stub, self._erased)
+        except (ptrace.PtraceError, HotpatchError):
+            pass
 
 
 def mmap_fixed(inject: Injector, addr: int, size: int, prot: int, flags: int = 0, fd: int = -1) -> int:

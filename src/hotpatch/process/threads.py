@@ -75,7 +75,8 @@ def _tracer_of(pid: int) -> int:
     return 0
 
 
-def _is_zombie(pid: int, tid: int) -> bool:
+def is_zombie(pid: int, tid: int) -> bool:
+    """True when thread ``tid`` of ``pid`` is a zombie or gone (/proc/PID/task/TID/stat state Z or X)."""
     try:
         with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii", errors="replace") as f:
             return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
@@ -123,7 +124,7 @@ class World:
         try:
             ptrace.seize(tid)
         except PtraceError as e:
-            if e.errno == errno.ESRCH or _is_zombie(self.pid, tid):
+            if e.errno == errno.ESRCH or is_zombie(self.pid, tid):
                 return
             if e.errno == errno.EPERM:
                 tracer = _tracer_of(self.pid)
