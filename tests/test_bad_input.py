@@ -614,3 +614,26 @@ def test_good_patch_still_applies(built: Built, target: tuple[Running, Snapshot]
     res = run_cli("revert", "--pid", t.pid, "--all")
     assert res.returncode == 0, res.stderr
     assert_running(t.pid)
+
+
+def test_closed_stdout_is_not_an_error(tmp_path: Path, procs: Procs) -> None:
+    """Output into a closed pipe (``hotpatch status --pid P | head -1`` after head exits) ends quietly with
+    128+SIGPIPE, not with an "internal error" line."""
+    exe = compile_program(TARGETS / "calc.c", tmp_path / "calc")
+    target = procs.start(exe, stdin=subprocess.PIPE)
+    wait_for_line(target, lambda s: s.startswith("ready"))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "hotpatch", "status", "--pid", str(target.pid)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert res.returncode == 141 and res.stderr == "", res.stderr
+    assert_running(target.pid)

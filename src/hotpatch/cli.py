@@ -36,6 +36,9 @@ def guarded(fn: F) -> F:
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except BrokenPipeError:  # e.g. `hotpatch status --pid P | head -1`: stop quietly, like a SIGPIPE
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except Exception as e:
             if os.environ.get("HOTPATCH_DEBUG"):
                 raise
