@@ -107,16 +107,18 @@ def load(
 
 
 def _protections(binary: PatchBinary, layout: Layout, region: int) -> list[tuple[int, int, int]]:
-    """Per-page protection of the segments (the stricter PT_GNU_RELRO range becomes read-only)."""
+    """Per-page protection of the segments, merged into runs ``(address, size, PROT_*)``.
+
+    Patches are linked ``-z noseparate-code -z norelro`` (see :mod:`hotpatch.patch.build`): one R+X segment
+    and one R+W segment, so mapping one takes two injected syscalls (mmap, mprotect). A RELRO range would
+    cost a third in the stop of the injecting thread; the patch's GOT stays writable instead, as in any
+    binary linked without ``-z relro``.
+    """
     base = region - layout.min_vaddr
     pages: dict[int, int] = {}
     for seg in binary.segments:
         for p in range(page_down(seg.vaddr), page_up(seg.vaddr + seg.memsz), PAGE):
             pages[p] = pages.get(p, 0) | seg.prot
-    if binary.relro is not None:
-        # ld.so protects [page_down(start), page_down(end)) (glibc elf/dl-reloc.c, _dl_protect_relro)
-        for p in range(page_down(binary.relro.start), page_down(binary.relro.end), PAGE):
-            pages[p] = pages.get(p, 0) & ~2
     out: list[tuple[int, int, int]] = []
     for p in sorted(pages):
         addr, prot = base + p, pages[p]

@@ -22,7 +22,7 @@ from ..errors import PatchFileError
 
 EM_NAMES = {3: "i386", 40: "arm", 62: "x86_64", 183: "aarch64", 243: "riscv"}
 ET_DYN = 3
-PT_LOAD, PT_NOTE, PT_GNU_RELRO = 1, 4, 0x6474E552
+PT_LOAD, PT_NOTE = 1, 4
 SHT_SYMTAB, SHT_RELA, SHT_NOTE, SHT_DYNSYM = 2, 4, 7, 11
 SHF_ALLOC = 2
 NT_GNU_BUILD_ID = 3

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from typing import NamedTuple
 
-from ..elf.image import ET_DYN, PT_GNU_RELRO, STB_WEAK, ElfImage, Symbol
+from ..elf.image import ET_DYN, STB_WEAK, ElfImage, Symbol
 from ..errors import PatchFileError
 from .manifest import SECTION, Manifest
 
@@ -41,13 +41,6 @@ class Relocation(NamedTuple):
     symbol: str
     defined: Symbol | None
     addend: int
-
-
-class RelroRange(NamedTuple):
-    """The PT_GNU_RELRO range ``[start, end)`` (link-time), made read-only after relocation."""
-
-    start: int
-    end: int
 
 
 class PatchBinary:
@@ -81,8 +74,6 @@ class PatchBinary:
         for seg in self.segments:
             if len(seg.data) > seg.memsz:
                 raise PatchFileError(f"{where} is corrupt (segment file size exceeds memory size)")
-        relro = next((seg for seg in img.segments if seg.type == PT_GNU_RELRO), None)
-        self.relro = RelroRange(relro.vaddr, relro.vaddr + relro.memsz) if relro else None
         self.symbols: dict[str, Symbol] = {
             name: sym for name, sym, _ in img.dynamic_symbols() if name and sym is not None
         }
