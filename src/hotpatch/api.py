@@ -34,7 +34,7 @@ from .process import remote
 from .process.maps import Mapping, gap_candidates, read_maps
 from .process.memory import Memory
 from .process.remote import Injector, SyscallError
-from .process.threads import World, is_zombie, list_tids
+from .process.threads import World, is_zombie, list_tids, thread_state
 from .state import PatchRecord, Record, SiteRecord
 from .transaction import CommitReport, SiteChange, Transaction
 from .x86.trampoline import MAX_TRAMPOLINE
@@ -158,13 +158,21 @@ class Target:
 
     @contextmanager
     def _injector(self, maps: list[Mapping]) -> Iterator[Injector]:
-        """One thread stopped for injected syscalls; the others run on."""
+        """One thread stopped for injected syscalls; the others run on.
+
+        A thread asleep in a system call (``epoll_wait``, ``futex``, ``read``…) is chosen first, the main
+        thread among equals: it was not running anyway, so stopping it costs the target the least (research
+        §4.4); its system call is restarted afterwards.
+        """
         if self._stub_area is None:
             self._stub_area = remote.find_stub_area(self.pid, maps, self.mem)
         world = World(self.pid)
         inject: Injector | None = None
+        tids = list_tids(self.pid)
+        states = {tid: thread_state(self.pid, tid) for tid in tids}
+        tids.sort(key=lambda tid: (states[tid] != "S", tid != self.pid))
         try:
-            for tid in [self.pid, *list_tids(self.pid)]:
+            for tid in tids:
                 try:
                     world.seize_thread(tid)
                 except TargetError:

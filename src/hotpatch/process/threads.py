@@ -75,13 +75,19 @@ def _tracer_of(pid: int) -> int:
     return 0
 
 
-def is_zombie(pid: int, tid: int) -> bool:
-    """True when thread ``tid`` of ``pid`` is a zombie or gone (/proc/PID/task/TID/stat state Z or X)."""
+def thread_state(pid: int, tid: int) -> str:
+    """The scheduler state letter of thread ``tid`` (proc(5), /proc/PID/task/TID/stat: R running, S sleeping,
+    D disk sleep, T/t stopped, Z zombie); ``X`` when it is gone."""
     try:
         with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+            return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
-        return True
+        return "X"
+
+
+def is_zombie(pid: int, tid: int) -> bool:
+    """True when thread ``tid`` of ``pid`` is a zombie or gone."""
+    return thread_state(pid, tid) in ("Z", "X")
 
 
 class World:
