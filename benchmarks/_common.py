@@ -7,17 +7,18 @@ that is still running when the benchmark ends, whatever happened.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from procs import Procs as _Procs
 
 
 def command_line() -> str:
@@ -72,33 +73,11 @@ def timed_run(cmd: Sequence[str], timeout: float = 60) -> float:
     return elapsed
 
 
-class Procs:
-    """Starts processes and, on exit of the ``with`` block, kills (SIGKILL by PID) and reaps each one."""
+class Procs(_Procs):
+    """:class:`procs.Procs` (tests/procs.py) with output discarded unless a caller asks for it."""
 
     def __init__(self) -> None:
-        self.started: list[subprocess.Popen[bytes]] = []
-
-    def __enter__(self) -> Procs:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for p in self.started:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=10)
-            for stream in (p.stdin, p.stdout, p.stderr):
-                if stream is not None:
-                    stream.close()
-
-    def start(self, *argv: str | Path, **kw: object) -> subprocess.Popen[bytes]:
-        """Start ``argv`` (stdout and stderr discarded unless given); it is reaped at exit."""
-        kw.setdefault("stdout", subprocess.DEVNULL)
-        kw.setdefault("stderr", subprocess.DEVNULL)
-        p = subprocess.Popen([str(a) for a in argv], **kw)  # type: ignore[call-overload]
-        self.started.append(p)
-        return p
+        super().__init__(output=subprocess.DEVNULL)
 
 
 def start_target(procs: Procs, exe: Path, *args: str) -> tuple[subprocess.Popen[bytes], dict[str, int]]:

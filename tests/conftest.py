@@ -6,9 +6,7 @@ Every process a test starts goes through ``procs.start``; at teardown each one s
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from procs import Procs
+
+__all__ = ["TARGETS", "Procs", "assert_running", "compile_program", "run_cli", "thread_states", "wait_for_line"]
 
 TARGETS = Path(__file__).parent / "targets"
 
@@ -30,33 +32,6 @@ def compile_program(src: Path, out: Path, *flags: str, shared: bool = False) -> 
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr}"
     return out
-
-
-class Procs:
-    """Starts processes and reaps them all at teardown."""
-
-    def __init__(self) -> None:
-        self.started: list[subprocess.Popen[bytes]] = []
-
-    def start(self, *argv: str | Path, **kw: object) -> subprocess.Popen[bytes]:
-        """Start ``argv`` with stdout piped (unless overridden); registered for reaping."""
-        kw.setdefault("stdout", subprocess.PIPE)
-        kw.setdefault("stderr", subprocess.PIPE)
-        p = subprocess.Popen([str(a) for a in argv], **kw)  # type: ignore[call-overload]
-        self.started.append(p)
-        return p
-
-    def reap(self) -> None:
-        """Kill (by PID) and wait for every started process still running."""
-        for p in self.started:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=10)
-            for stream in (p.stdout, p.stderr, p.stdin):
-                if stream is not None:
-                    stream.close()
 
 
 @pytest.fixture

@@ -41,6 +41,7 @@ from elftools.elf.elffile import ELFFile
 
 import hotpatch
 from conftest import TARGETS, Procs, assert_running, compile_program, run_cli, wait_for_line
+from hotpatch.process.threads import tracer_of
 
 PATCH_SOURCE = "int compute(int x) { return 3 * x + 2; }\n"
 PATCH_NAME = "kill_patch"
@@ -104,19 +105,6 @@ def function_bytes(path: Path, name: str) -> bytes:
         assert start <= value < start + int(text["sh_size"])
         f.seek(int(text["sh_offset"]) + value - start)
         return f.read(size)
-
-
-def tracer_of(pid: int, tid: int | None = None) -> int:
-    """TracerPid of thread ``tid`` (default: the main thread) of ``pid``; 0 when untraced or gone."""
-    path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith("TracerPid:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def a_worker(pid: int) -> int:

@@ -159,28 +159,29 @@ def _cli(cli: str, port: int, *args: str) -> str:
     return res.stdout.strip()
 
 
-class Writer(threading.Thread):
-    """Background client: SET ``during:N`` = ``vN`` one at a time, remembering every acknowledged key,
-    until stopped (bounded by WRITER_MAX_KEYS and WRITER_MAX_S)."""
+class Client(threading.Thread):
+    """A background client calling :meth:`step` with a running count until stopped, bounded by
+    WRITER_MAX_KEYS calls and WRITER_MAX_S seconds; any error is kept for the test to report."""
 
     def __init__(self, port: int) -> None:
         super().__init__(daemon=True)
         self.port = port
         self.stop_event = threading.Event()
-        self.written: list[int] = []
         self.error: BaseException | None = None
 
+    def step(self, c: Resp, i: int) -> None:
+        """One request."""
+        raise NotImplementedError
+
     def run(self) -> None:
-        """Write keys until stopped; any error is kept for the test to report."""
+        """Call :meth:`step` until stopped or a bound is reached."""
         deadline = time.monotonic() + WRITER_MAX_S
         try:
             c = Resp(self.port)
             try:
                 i = 0
                 while not self.stop_event.is_set() and i < WRITER_MAX_KEYS and time.monotonic() < deadline:
-                    reply = c.call("SET", f"during:{i}", f"v{i}")
-                    assert reply == "OK", f"SET during:{i} answered {reply!r}"
-                    self.written.append(i)
+                    self.step(c, i)
                     i += 1
             finally:
                 c.close()
@@ -188,31 +189,31 @@ class Writer(threading.Thread):
             self.error = e
 
 
-class Pinger(threading.Thread):
-    """Background client: PING in a loop; every reply must be PONG or PATCHED (invariant 4)."""
+class Writer(Client):
+    """SET ``during:N`` = ``vN`` one at a time, remembering every acknowledged key."""
 
     def __init__(self, port: int) -> None:
-        super().__init__(daemon=True)
-        self.port = port
-        self.stop_event = threading.Event()
-        self.replies: dict[str, int] = {}
-        self.error: BaseException | None = None
+        super().__init__(port)
+        self.written: list[int] = []
 
-    def run(self) -> None:
-        """PING until stopped (bounded like :class:`Writer`), counting the distinct replies."""
-        deadline = time.monotonic() + WRITER_MAX_S
-        try:
-            c = Resp(self.port)
-            try:
-                n = 0
-                while not self.stop_event.is_set() and n < WRITER_MAX_KEYS and time.monotonic() < deadline:
-                    reply = str(c.call("PING"))
-                    self.replies[reply] = self.replies.get(reply, 0) + 1
-                    n += 1
-            finally:
-                c.close()
-        except BaseException as e:
-            self.error = e
+    def step(self, c: Resp, i: int) -> None:
+        """SET one key; it must be acknowledged."""
+        reply = c.call("SET", f"during:{i}", f"v{i}")
+        assert reply == "OK", f"SET during:{i} answered {reply!r}"
+        self.written.append(i)
+
+
+class Pinger(Client):
+    """PING in a loop, counting the distinct replies; every reply must be PONG or PATCHED (invariant 4)."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        self.replies: dict[str, int] = {}
+
+    def step(self, c: Resp, i: int) -> None:
+        """One PING."""
+        reply = str(c.call("PING"))
+        self.replies[reply] = self.replies.get(reply, 0) + 1
 
 
 def _wait_load_started(port: int, bench_clients: int, writer: Writer, pinger: Pinger,

@@ -64,9 +64,11 @@ def list_tids(pid: int) -> list[int]:
         raise TargetError(f"no process with PID {pid}") from None
 
 
-def _tracer_of(pid: int) -> int:
+def tracer_of(pid: int, tid: int | None = None) -> int:
+    """TracerPid of thread ``tid`` (default: the main thread) of ``pid`` (proc(5)); 0 when untraced or gone."""
+    path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
     try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+        with open(path, encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("TracerPid:"):
                     return int(line.split()[1])
@@ -133,7 +135,7 @@ class World:
             if e.errno == errno.ESRCH or is_zombie(self.pid, tid):
                 return
             if e.errno == errno.EPERM:
-                tracer = _tracer_of(self.pid)
+                tracer = tracer_of(self.pid)
                 if tracer and tracer != os.getpid():
                     raise TargetError(f"PID {self.pid} is already traced by PID {tracer}") from None
                 raise TargetError(f"not permitted to trace PID {self.pid} (ptrace: Operation not permitted)") from None
