@@ -320,9 +320,10 @@ class Target:
         mapping if needed. Returns (region, placed sites, state address).
 
         The image is relocated before any thread stops. One short stop of one thread maps the region
-        read+execute and sets the other protections (the patch is linked ``-z noseparate-code``, so that is
-        two or three syscalls); the bytes are then written with the target running, through
-        ``/proc/PID/mem``, which needs no write permission.
+        read+execute and makes the data pages writable (patches are linked ``-z noseparate-code -z norelro``,
+        so that is two syscalls); the bytes are then written with the target running, through
+        ``/proc/PID/mem``, which needs no write permission. The first apply to a target creates the state
+        mapping in a stop of its own, once every symbol has resolved.
         """
         rx = remote.PROT_READ | remote.PROT_EXEC
         for region in candidates[:16]:
