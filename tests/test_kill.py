@@ -442,3 +442,15 @@ def test_sigkill_during_injected_syscall(tmp_path: Path, procs: Procs, where: st
     cli_ok("apply", "--pid", t.pid, patch)
     cli_ok("revert", "--pid", t.pid, "--all")
     finish(t)
+
+
+def test_repeated_kills_during_injection_leave_room_for_the_stub(tmp_path: Path, procs: Procs) -> None:
+    """Each kill mid-injection leaves the stub in a module's padding; the next runs must reuse that room
+    rather than run out of padding after a few kills (the target maps only a handful of modules)."""
+    t, patch = start_compute_target(tmp_path, procs)
+    for _ in range(8):
+        run_and_die_after(procs, tmp_path, "hotpatch.process.ptrace.syscall", "apply", "--pid", t.pid, patch)
+        wait_running(t)
+    cli_ok("apply", "--pid", t.pid, patch)
+    cli_ok("revert", "--pid", t.pid, "--all")
+    finish(t)

@@ -51,8 +51,9 @@ def find_stub_area(pid: int, maps: list[Mapping], mem: Memory) -> int:
     """An address of ``STUB_SIZE`` never-executed, zero bytes in an executable mapping of the target.
 
     They lie after the end of a module's executable PT_LOAD, in the last page of its mapping: the file's
-    padding up to the page boundary (System V gABI, "Program Loading"), executable but not code. The
-    executable is tried first, then the other modules. Raises TargetError when no module has such room.
+    padding up to the page boundary (System V gABI, "Program Loading"), executable but not code. A stub left
+    there by a killed hotpatch counts as free. The executable is tried first, then the other modules. Raises
+    TargetError when no module has such room.
     """
     for m in sorted((m for m in maps if m.executable and m.path.startswith("/")), key=lambda m: m.start):
         path = m.path.removesuffix(" (deleted)")
@@ -69,11 +70,16 @@ def find_stub_area(pid: int, maps: list[Mapping], mem: Memory) -> int:
                 start = m.start + (end_off - m.offset)
                 start = (start + 15) & ~15
                 fits = page_up(start) == m.end and m.end - start >= x86stub.STUB_SIZE
-                if fits and mem.try_read(start, x86stub.STUB_SIZE) == bytes(x86stub.STUB_SIZE):
+                if fits and _free_for_stub(mem.try_read(start, x86stub.STUB_SIZE)):
                     return start
         finally:
             img.close()
     raise TargetError("the target has no executable padding to hold hotpatch's syscall stub")
+
+
+def _free_for_stub(data: bytes | None) -> bool:
+    """Zero padding, or the stub a killed hotpatch left there (its thread ran through it long ago)."""
+    return data is not None and (data == bytes(len(data)) or data.startswith(x86stub.SIGNATURE))
 
 
 class SyscallError(OSError):
@@ -98,7 +104,6 @@ class Injector:
             th.signal = 0
         assert th.regs is not None
         self.saved = th.regs.copy()
-        self._erased = mem.read(stub_area, x86stub.STUB_SIZE)
         mem.write(stub_area, x86stub.build(self.saved))
         self._closed = False
 
@@ -164,7 +169,7 @@ class Injector:
             ptrace.set_regs(self.thread.tid, final)
             self.world.set_regs(self.thread.tid, final)
             self.thread.dirty = False
-            self.mem.write(self.stub, self._erased)
+            self.mem.write(self.stub, bytes(x86stub.STUB_SIZE))
         except (ptrace.PtraceError, HotpatchError):
             pass
 

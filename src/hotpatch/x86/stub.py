@@ -32,6 +32,7 @@ _MOV_IMM64 = {
     "r8": (0x49, 0xB8), "r9": (0x49, 0xB9), "r10": (0x49, 0xBA), "r11": (0x49, 0xBB),
     "r12": (0x49, 0xBC), "r13": (0x49, 0xBD), "r14": (0x49, 0xBE), "r15": (0x49, 0xBF),
 }  # fmt: skip
+SIGNATURE = SYSCALL + bytes([0x48, 0x8D, 0x64, 0x24, 0x80])  # how every stub starts
 RED_ZONE = 128  # System V x86-64 psABI §3.2.2: below RSP, 128 bytes a leaf function may use
 STUB_SIZE = 2 + 5 + 5 + 1 + 8 + 10 * len(_MOV_IMM64) + 14  # bytes
 
