@@ -37,7 +37,9 @@ PTRACE_EVENT_CLONE: Final = 3
 PTRACE_EVENT_STOP: Final = 128
 
 WALL: Final = 0x40000000  # __WALL: wait for clone children (threads) too
-SPIN_S: Final = 0.0003  # seconds of polling before sleeping in wait_until
+# seconds of polling before sleeping in wait_until; none with one usable CPU, where polling (possibly at
+# SCHED_FIFO, see threads.World) would keep the awaited thread from running
+SPIN_S: Final = 0.0003 if len(os.sched_getaffinity(0)) > 1 else 0.0
 
 _libc = ctypes.CDLL(None, use_errno=True)  # the process's global namespace, which holds libc
 _ptrace = _libc.ptrace
