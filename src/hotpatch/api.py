@@ -157,7 +157,7 @@ class Target:
         return read_maps(self.pid)
 
     @contextmanager
-    def _injector(self, maps: list[Mapping]) -> Iterator[Injector]:
+    def _injector(self, maps: list[Mapping] | None = None) -> Iterator[Injector]:
         """One thread stopped for injected syscalls; the others run on.
 
         A thread asleep in a system call (``epoll_wait``, ``futex``, ``read``…) is chosen first, the main
@@ -165,7 +165,7 @@ class Target:
         §4.4); its system call is restarted afterwards.
         """
         if self._stub_area is None:
-            self._stub_area = remote.find_stub_area(self.pid, maps, self.mem)
+            self._stub_area = remote.find_stub_area(self.pid, maps or self._maps(), self.mem)
         world = World(self.pid)
         inject: Injector | None = None
         tids = list_tids(self.pid)
@@ -366,7 +366,7 @@ class Target:
         """Unmap regions nothing runs in (best effort: the target may be gone)."""
         if not regions:
             return
-        with suppress(HotpatchError), self._injector(self._maps()) as inject:
+        with suppress(HotpatchError), self._injector() as inject:
             for addr, size in regions:
                 inject(remote.SYS_MUNMAP, addr, size)
 

@@ -28,7 +28,6 @@ from .process.remote import (
     SYS_FTRUNCATE,
     SYS_MEMFD_CREATE,
     SYS_MMAP,
-    SYS_MUNMAP,
     Injector,
 )
 
@@ -173,11 +172,6 @@ def create(inject: Injector, mem: Memory) -> int:
     finally:
         inject(SYS_CLOSE, fd)
     return addr
-
-
-def destroy(inject: Injector, addr: int) -> None:
-    """Unmap the state mapping (used when the last patch is gone and nothing is retired)."""
-    inject(SYS_MUNMAP, addr, SIZE)
 
 
 def site_status(mem: Memory, patch: PatchRecord) -> str:

@@ -16,7 +16,6 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 from ..errors import TargetError
 from . import ptrace
@@ -96,7 +95,7 @@ class World:
     """All threads of one target, seized for the lifetime of the object.
 
     ``seize()`` attaches without stopping; ``stop()`` stops every thread and reads its registers;
-    ``resume()`` lets them run on while staying attached; ``release()`` detaches all. Use :func:`seized`.
+    ``release()`` detaches all, re-injecting kept signals.
     Raises TargetError when the target is gone, not traceable, or a thread cannot be stopped in time.
     """
 
@@ -225,21 +224,6 @@ class World:
             ptrace.set_regs(th.tid, th.regs)
             th.dirty = False
 
-    def resume(self) -> None:
-        """Let every stopped thread run on, still seized; pending signals are delivered now."""
-        for th in list(self.threads.values()):
-            if not th.stopped:
-                continue
-            try:
-                self._flush(th)
-                ptrace.cont(th.tid, th.signal)
-            except PtraceError as e:
-                if e.errno != errno.ESRCH:
-                    raise
-            self._after_release(th)
-            th.stopped = False
-        self._running()
-
     def release(self) -> None:
         """Detach from every thread, delivering kept signals; never raises for threads that vanished."""
         for th in list(self.threads.values()):
@@ -293,14 +277,3 @@ class World:
             ptrace.tgkill(self.pid, th.tid, sig)
         th.extra_signals.clear()
         th.signal = 0
-
-
-@contextmanager
-def seized(pid: int) -> Iterator[World]:
-    """Seize every thread of ``pid`` for the ``with`` block; always release them at its end."""
-    world = World(pid)
-    try:
-        world.seize()
-        yield world
-    finally:
-        world.release()
