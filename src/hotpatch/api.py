@@ -34,7 +34,6 @@ from .process import remote
 from .process.maps import Mapping, gap_candidates, read_maps
 from .process.memory import Memory
 from .process.remote import Injector, SyscallError
-from .process.threads import World, is_zombie, list_tids, thread_state
 from .state import PatchRecord, Record, SiteRecord
 from .transaction import CommitReport, SiteChange, Transaction
 from .x86.trampoline import MAX_TRAMPOLINE
@@ -158,38 +157,12 @@ class Target:
 
     @contextmanager
     def _injector(self, maps: list[Mapping] | None = None) -> Iterator[Injector]:
-        """One thread stopped for injected syscalls; the others run on.
-
-        A thread asleep in a system call (``epoll_wait``, ``futex``, ``read``…) is chosen first, the main
-        thread among equals: it was not running anyway, so stopping it costs the target the least (research
-        §4.4); its system call is restarted afterwards.
-        """
+        """One thread stopped for injected syscalls (:func:`hotpatch.process.remote.injection`); its stop
+        window is counted in the operation's ``pause_us``."""
         if self._stub_area is None:
             self._stub_area = remote.find_stub_area(self.pid, maps or self._maps(), self.mem)
-        world = World(self.pid)
-        inject: Injector | None = None
-        tids = list_tids(self.pid)
-        states = {tid: thread_state(self.pid, tid) for tid in tids}
-        tids.sort(key=lambda tid: (states[tid] != "S", tid != self.pid))
-        try:
-            for tid in tids:
-                try:
-                    world.seize_thread(tid)
-                except TargetError:
-                    if tid == self.pid and is_zombie(self.pid, tid):
-                        continue  # the main thread has exited: inject through another one
-                    raise  # e.g. already traced by another tracer: refuse before changing anything
-                world.stop([tid])
-                if tid in world.threads and not world.threads[tid].group_stop:
-                    break
-                world.release()
-            inject = Injector(world, self.mem, self._stub_area)
+        with remote.injection(self.pid, self.mem, self._stub_area, self._stops_us) as inject:
             yield inject
-        finally:
-            if inject is not None:
-                inject.close()
-            world.release()
-            self._stops_us.append(world.longest_stop_us)
 
     def _record(self, maps: list[Mapping]) -> tuple[int | None, Record]:
         addr = statemod.find_region(maps)
@@ -265,33 +238,12 @@ class Target:
                 module=module.path,
                 applied_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 regions=[[region, layout.size]],
-                sites=[
-                    SiteRecord(
-                        symbol=s.plan.function.symbol,
-                        entry=s.plan.prologue.entry,
-                        site=s.plan.prologue.site,
-                        original=s.plan.original.hex(),
-                        new=s.new.hex(),
-                        replacement=s.replacement,
-                        trampoline=s.trampoline.address,
-                    )
-                    for s in placed
-                ],
+                sites=[_site_record(s) for s in placed],
             )
             statemod.write(self.mem, state_addr, Record([*record.patches, rec], record.retired))
             txn = Transaction(self.pid, self.mem)
             for s in placed:
-                pro = s.plan.prologue
-                txn.add(
-                    SiteChange(
-                        address=pro.site,
-                        expected=s.plan.current,
-                        new=s.new,
-                        label=s.plan.function.symbol,
-                        span=0 if s.plan.upgrading else pro.length,
-                        rip_map={} if s.plan.upgrading else s.trampoline.rip_map,
-                    )
-                )
+                txn.add(_redirect(s))
             retired = [(r[0], r[1]) for r in record.retired]
             try:
                 commit = txn.commit(watch=retired)
@@ -448,6 +400,33 @@ class Target:
             commit.threads,
             commit.moved,
         )
+
+
+def _site_record(s: PlacedSite) -> SiteRecord:
+    """What the state remembers of one redirected site."""
+    return SiteRecord(
+        symbol=s.plan.function.symbol,
+        entry=s.plan.prologue.entry,
+        site=s.plan.prologue.site,
+        original=s.plan.original.hex(),
+        new=s.new.hex(),
+        replacement=s.replacement,
+        trampoline=s.trampoline.address,
+    )
+
+
+def _redirect(s: PlacedSite) -> SiteChange:
+    """The jump to write at one site. Over an older version's jump (one instruction) no thread can be
+    inside the bytes; over the original instructions, threads inside move to the trampoline."""
+    pro = s.plan.prologue
+    return SiteChange(
+        address=pro.site,
+        expected=s.plan.current,
+        new=s.new,
+        label=s.plan.function.symbol,
+        span=0 if s.plan.upgrading else pro.length,
+        rip_map={} if s.plan.upgrading else s.trampoline.rip_map,
+    )
 
 
 def attach(pid: int) -> Target:

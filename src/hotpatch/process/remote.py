@@ -18,6 +18,8 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Final
 
 from ..elf.image import PT_LOAD, open_elf
@@ -26,7 +28,7 @@ from ..x86 import stub as x86stub
 from . import ptrace
 from .maps import Mapping, page_up
 from .memory import Memory
-from .threads import Thread, World
+from .threads import Thread, World, is_zombie, list_tids, thread_state
 
 SYS_CLOSE: Final = 3
 SYS_MMAP: Final = 9
@@ -172,6 +174,42 @@ class Injector:
             self.mem.write(self.stub, bytes(x86stub.STUB_SIZE))
         except (ptrace.PtraceError, HotpatchError):
             pass
+
+
+@contextmanager
+def injection(pid: int, mem: Memory, stub_area: int, stops_us: list[float]) -> Iterator[Injector]:
+    """One thread of ``pid`` stopped for injected syscalls through the stub at ``stub_area``; the others
+    run on. The length of the stop window (µs) is appended to ``stops_us``.
+
+    A thread asleep in a system call (``epoll_wait``, ``futex``, ``read``…) is chosen first, the main thread
+    among equals: it was not running anyway, so stopping it costs the target the least (research §4.4); its
+    system call is restarted afterwards. Raises TargetError when no thread can be used (already traced by
+    another tracer, all stopped by job control, gone).
+    """
+    world = World(pid)
+    inject: Injector | None = None
+    tids = list_tids(pid)
+    states = {tid: thread_state(pid, tid) for tid in tids}
+    tids.sort(key=lambda tid: (states[tid] != "S", tid != pid))
+    try:
+        for tid in tids:
+            try:
+                world.seize_thread(tid)
+            except TargetError:
+                if tid == pid and is_zombie(pid, tid):
+                    continue  # the main thread has exited: inject through another one
+                raise  # e.g. already traced by another tracer: refuse before changing anything
+            world.stop([tid])
+            if tid in world.threads and not world.threads[tid].group_stop:
+                break
+            world.release()
+        inject = Injector(world, mem, stub_area)
+        yield inject
+    finally:
+        if inject is not None:
+            inject.close()
+        world.release()
+        stops_us.append(world.longest_stop_us)
 
 
 def mmap_fixed(inject: Injector, addr: int, size: int, prot: int, flags: int = 0, fd: int = -1) -> int:
