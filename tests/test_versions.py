@@ -80,3 +80,23 @@ def test_other_patch_may_not_take_an_owned_site(tmp_path: Path, calc: tuple[subp
     assert run_cli("revert", "--pid", proc.pid, "--all").returncode == 0
     assert ask(proc, 1) == 2
     assert_running(proc.pid)
+
+
+def test_executable_replaced_on_disk(tmp_path: Path, procs: Procs) -> None:
+    """A package upgrade replaces the program file while the old build runs: a patch for the running build
+    is still applied (its module and padding are read through /proc/PID/map_files, not the new file)."""
+    exe = compile_program(TARGETS / "calc.c", tmp_path / "calc")
+    kept = tmp_path / "calc-old"
+    kept.write_bytes(exe.read_bytes())
+    proc = procs.start(exe, stdin=subprocess.PIPE)
+    wait_for_line(proc, lambda s: s.startswith("ready"))
+    patch = make_patch(tmp_path, kept, 10, 1)
+    new = compile_program(TARGETS / "calc.c", tmp_path / "calc-new", "-DUPGRADED", "-O1")
+    new.replace(exe)  # the path now names another build
+    assert "(deleted)" in Path(f"/proc/{proc.pid}/maps").read_text()
+    res = run_cli("apply", "--pid", proc.pid, patch)
+    assert res.returncode == 0, res.stderr
+    assert ask(proc, 5) == 15
+    assert run_cli("revert", "--pid", proc.pid, "fix").returncode == 0
+    assert ask(proc, 5) == 6
+    assert_running(proc.pid)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from .elf.image import ElfImage, open_elf
 from .errors import HotpatchError, MismatchError, SymbolError
-from .process.maps import Mapping
+from .process.maps import Mapping, mapped_file
 
 
 class Module:
@@ -65,20 +65,13 @@ class ModuleSet:
                 continue
             mod = by_path.get(m.path)
             if mod is None:
-                by_path[m.path] = Module(m.path, self._openable(m), m.start, m.end, m)
+                by_path[m.path] = Module(m.path, mapped_file(pid, m), m.start, m.end, m)
             else:
                 mod.start, mod.end = min(mod.start, m.start), max(mod.end, m.end)
                 if m.offset < mod.first.offset:
                     mod.first = m
         self.modules = sorted(by_path.values(), key=lambda mod: (mod.path != exe, mod.start))
         self.exe = next((mod for mod in self.modules if mod.path == exe), None)
-
-    def _openable(self, m: Mapping) -> str:
-        path = m.path.removesuffix(" (deleted)")
-        rooted = f"/proc/{self.pid}/root{path}"
-        if not m.path.endswith(" (deleted)") and os.path.exists(rooted):
-            return rooted
-        return f"/proc/{self.pid}/map_files/{m.start:x}-{m.end:x}"
 
     def close(self) -> None:
         """Close every opened module file."""

@@ -6,6 +6,7 @@ Detours' ``detour_alloc_region_from_lo/hi``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -57,6 +58,17 @@ def read_maps(pid: int) -> list[Mapping]:
             )
         )
     return out
+
+
+def mapped_file(pid: int, m: Mapping) -> str:
+    """A path that opens the file behind mapping ``m`` as the target sees it: ``/proc/PID/root/<path>``, or
+    ``/proc/PID/map_files/<range>`` when the file was deleted or replaced on disk (proc(5)), so a package
+    upgrade never makes hotpatch read the new file for the old mapping."""
+    path = m.path.removesuffix(" (deleted)")
+    rooted = f"/proc/{pid}/root{path}"
+    if not m.path.endswith(" (deleted)") and os.path.exists(rooted):
+        return rooted
+    return f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
 
 
 def page_down(addr: int) -> int:

@@ -172,13 +172,13 @@ def tgkill(tgid: int, tid: int, sig: int) -> None:
             raise PtraceError(err, f"tgkill({tgid}, {tid}, {sig}): {os.strerror(err)}")
 
 
-def wait_tid(tid: int, nohang: bool) -> int | None:
-    """waitpid(tid, __WALL [| WNOHANG]) for one tracee thread; its status, or None if nothing is ready.
+def poll_tid(tid: int) -> int | None:
+    """waitpid(tid, __WALL | WNOHANG) for one tracee thread; its status, or None if nothing is ready.
 
     Waiting per thread (not ``waitpid(-1)``) never reaps an unrelated child of the calling process.
     Raises ChildProcessError when ``tid`` is not (or no longer) a tracee or child.
     """
-    got, status = os.waitpid(tid, WALL | (os.WNOHANG if nohang else 0))
+    got, status = os.waitpid(tid, WALL | os.WNOHANG)
     if got == 0:
         return None
     return status
@@ -196,7 +196,7 @@ def wait_until(tid: int, deadline: float) -> int | None:
     """
     spin_until = time.monotonic() + SPIN_S
     while True:
-        status = wait_tid(tid, nohang=True)
+        status = poll_tid(tid)
         if status is not None:
             return status
         now = time.monotonic()

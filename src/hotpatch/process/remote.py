@@ -26,7 +26,7 @@ from ..elf.image import PT_LOAD, open_elf
 from ..errors import HotpatchError, TargetError
 from ..x86 import stub as x86stub
 from . import ptrace
-from .maps import Mapping, page_up
+from .maps import Mapping, mapped_file, page_up
 from .memory import Memory
 from .threads import Thread, World, is_zombie, list_tids, thread_state
 
@@ -58,10 +58,8 @@ def find_stub_area(pid: int, maps: list[Mapping], mem: Memory) -> int:
     TargetError when no module has such room.
     """
     for m in sorted((m for m in maps if m.executable and m.path.startswith("/")), key=lambda m: m.start):
-        path = m.path.removesuffix(" (deleted)")
-        rooted = f"/proc/{pid}/root{path}"
         try:
-            img = open_elf(rooted if os.path.exists(rooted) else f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}")
+            img = open_elf(mapped_file(pid, m))
         except HotpatchError:
             continue
         try:
