@@ -25,7 +25,8 @@ from contextlib import contextmanager, suppress
 from typing import Any, NamedTuple
 
 from . import state as statemod
-from .errors import HotpatchError, StateError, TargetError, UpToDateError
+from .errors import HotpatchError, SiteError, StateError, TargetError, UpToDateError
+from .int3 import Int3Commit, RollingTimeout
 from .loader import Layout, load
 from .modules import ModuleSet
 from .patch.bundle import PatchFile
@@ -36,9 +37,13 @@ from .process.memory import Memory
 from .process.remote import Injector, SyscallError
 from .state import PatchRecord, Record, SiteRecord
 from .transaction import CommitReport, SiteChange, Transaction
+from .x86.sites import PAD_LEN
 from .x86.trampoline import MAX_TRAMPOLINE
 
 LOCK_TIMEOUT_S = 10.0
+PROTOCOLS = {"auto": "auto", "no-stop": "A", "rolling": "R", "stop-the-world": "B"}
+"""``--protocol`` names (DESIGN.md §4): auto picks per transaction — A when every site is a short-jump site
+(or the change replaces one instruction), else R, falling back to B when R cannot see every thread leave."""
 
 
 class SiteStatus(NamedTuple):
@@ -80,7 +85,8 @@ class Report:
     """What an apply or revert did: patch ``name`` and ``version``, ``sites`` (symbol, address),
     ``pause_us`` (the longest window in µs in which any target thread was stopped, over the commit and every
     injection), ``threads`` stopped by the commit, threads ``moved`` out of overwritten bytes, regions
-    ``retained`` (kept mapped: addr, bytes) and, for an upgrade, the ``replaced_version``."""
+    ``retained`` (kept mapped: addr, bytes), for an upgrade the ``replaced_version``, and the ``protocol``
+    the commit used (A, R or B; DESIGN.md §4)."""
 
     def __init__(
         self, name: str, version: int, sites: list[tuple[str, int]], pause_us: float, threads: int, moved: int
@@ -89,6 +95,7 @@ class Report:
         self.pause_us, self.threads, self.moved = pause_us, threads, moved
         self.retained: list[tuple[int, int]] = []
         self.replaced_version: int | None = None
+        self.protocol = "B"
 
 
 def _check_target(pid: int) -> None:
@@ -184,12 +191,12 @@ class Target:
                     tuple(SiteStatus(s.symbol, s.entry, s.site, s.klass, s.protocol) for s in p.sites),
                 )
             )
-        return Status(self.pid, tuple(out), tuple((r[0], r[1]) for r in record.retired))
+        return Status(self.pid, tuple(out), tuple((r[0], r[1]) for r in record.retired if len(r) == 2))
 
     # -- apply --------------------------------------------------------------------------------------
-    def apply(self, patch: PatchFile | str) -> Report:
+    def apply(self, patch: PatchFile | str, protocol: str = "auto") -> Report:
         """Apply a patch (a :class:`PatchFile` or its path); a newer version replaces an older one of the
-        same name in one transaction.
+        same name in one transaction. ``protocol``: a key of PROTOCOLS.
 
         Raises UpToDateError when the same or a newer version is applied; MismatchError for another build or
         changed bytes; SiteError, SymbolError, PatchFileError, TargetError as their names say. The target is
@@ -241,16 +248,17 @@ class Target:
                 sites=[_site_record(s) for s in placed],
             )
             statemod.write(self.mem, state_addr, Record([*record.patches, rec], record.retired))
-            txn = Transaction(self.pid, self.mem)
-            for s in placed:
-                txn.add(_redirect(s))
-            retired = [(r[0], r[1]) for r in record.retired]
+            replaced = {s.site: s for s in old.sites} if old is not None else {}
+            changes = [c for s in placed for c in _redirect(s, replaced.get(s.plan.address))]
+            pads = {s.plan.pad for s in placed}
+            record = Record(record.patches, [r for r in record.retired if not (len(r) > 2 and r[0] in pads)])
             try:
-                commit = txn.commit(watch=retired)
+                commit = self._commit(changes, record.retired, protocol)
             except BaseException:
                 self._undo_load(state_addr, record, region, layout.size)
                 raise
-            kept = self._free_unused(retired, commit.busy)
+            rec = rec._replace(sites=[s._replace(protocol=commit.protocol) for s in rec.sites])
+            kept = self._free_unused(record.retired, commit.busy)
             if old is not None:
                 kept.extend(old.regions)  # a thread may still run in the old version
             statemod.write(self.mem, state_addr, Record([p for p in record.patches if p is not old] + [rec], kept))
@@ -309,10 +317,50 @@ class Target:
             return region, placed, state_addr
         raise TargetError(f"no free address range within ±2 GiB of the sites in PID {self.pid}")
 
-    def _free_unused(self, regions: list[tuple[int, int]], busy: set[tuple[int, int]]) -> list[list[int]]:
-        """Unmap the ``regions`` not in ``busy``; return the busy ones, to be kept in the record."""
-        self._unmap([r for r in regions if r not in busy])
-        return [[addr, size] for addr, size in regions if (addr, size) in busy]
+    def _free_unused(self, retired: list[list[Any]], busy: set[tuple[int, int]]) -> list[list[Any]]:
+        """Free the ``retired`` entries not in ``busy`` — unmap a region, give a padding its original bytes
+        back (:class:`hotpatch.state.Record`) —; return the busy ones, to be kept in the record."""
+        free = [r for r in retired if (r[0], r[1]) not in busy]
+        for r in free:
+            if len(r) > 2:
+                with suppress(HotpatchError):
+                    self.mem.write(r[0], bytes.fromhex(r[2]))
+        self._unmap([(r[0], r[1]) for r in free if len(r) == 2])
+        return [r for r in retired if (r[0], r[1]) in busy]
+
+    def _stub(self) -> int:
+        if self._stub_area is None:
+            self._stub_area = remote.find_stub_area(self.pid, self._maps(), self.mem)
+        return self._stub_area
+
+    def _commit(self, changes: list[SiteChange], retired: list[list[Any]], protocol: str) -> CommitReport:
+        """Write ``changes`` all-or-nothing with the requested protocol (PROTOCOLS); the ``retired`` entries
+        are checked for threads still using them on the way. Raises SiteError when protocol A is forced on a
+        site that needs R or B; MismatchError, TargetError as the commits do."""
+        proto = PROTOCOLS.get(protocol)
+        if proto is None:
+            raise HotpatchError(f"unknown protocol {protocol!r} (one of: {', '.join(PROTOCOLS)})")
+        needs_check = [c for c in changes if c.span]
+        if proto == "A" and needs_check:
+            raise SiteError(
+                f"{needs_check[0].label} is an ordinary site: it cannot be patched without stopping threads "
+                "(use --protocol rolling or stop-the-world, or build the target with `hotpatch cflags`)"
+            )
+        if proto == "auto":
+            proto = "R" if needs_check else "A"
+        watch = [(r[0], r[1]) for r in retired]
+        if proto in ("A", "R"):
+            try:
+                report = Int3Commit(self.pid, self.mem, self._stub(), changes).run(watch)
+                report.protocol = proto
+                return report
+            except RollingTimeout:
+                if protocol != "auto":
+                    raise
+        txn = Transaction(self.pid, self.mem)
+        for c in changes:
+            txn.add(c)
+        return txn.commit(watch=watch)
 
     def _unmap(self, regions: list[tuple[int, int]]) -> None:
         """Unmap regions nothing runs in (best effort: the target may be gone)."""
@@ -329,8 +377,9 @@ class Target:
         self._unmap([(region, size)])
 
     # -- revert -------------------------------------------------------------------------------------
-    def revert(self, name: str | None = None) -> list[Report]:
-        """Revert the patch called ``name``, or every patch when ``name`` is None (``--all``).
+    def revert(self, name: str | None = None, protocol: str = "auto") -> list[Report]:
+        """Revert the patch called ``name``, or every patch when ``name`` is None (``--all``), with
+        ``protocol`` (a key of PROTOCOLS; auto: A, each site's change being one instruction).
 
         Restores the original bytes with the same protocol as apply; unmaps the patch's memory when no
         thread's RIP or stack points into it, else keeps it (``status`` lists it) until a later command finds
@@ -346,14 +395,12 @@ class Target:
             victims = [p for p in record.patches if name is None or p.name == name]
             if not victims and not record.retired:
                 return []
-            txn = Transaction(self.pid, self.mem)
-            for p in victims:
-                for s in p.sites:
-                    txn.add(SiteChange(s.site, bytes.fromhex(s.new), bytes.fromhex(s.original), s.symbol))
-            regions = [(r[0], r[1]) for p in victims for r in p.regions] + [(r[0], r[1]) for r in record.retired]
-            commit = txn.commit(watch=regions)
+            changes = [_restore(s) for p in victims for s in p.sites]
+            retired = [list(r) for p in victims for r in p.regions] + record.retired
+            retired += [_padding_entry(s) for p in victims for s in p.sites if s.key]
+            commit = self._commit(changes, retired, protocol)
             assert state_addr is not None
-            kept = self._free_unused(regions, commit.busy)
+            kept = self._free_unused(retired, commit.busy)
             statemod.write(self.mem, state_addr, Record([p for p in record.patches if p not in victims], kept))
         reports = []
         for p in victims:
@@ -380,53 +427,102 @@ class Target:
                     rollback.append(p)
         if not retire or state_addr is None:
             return record
-        if rollback:
+        if rollback:  # a tool killed mid-commit: put each site's key back, with everything stopped
             txn = Transaction(self.pid, self.mem)
             for p in rollback:
                 for s in p.sites:
-                    if self.mem.read(s.site, len(bytes.fromhex(s.new))) == bytes.fromhex(s.new):
-                        txn.add(SiteChange(s.site, bytes.fromhex(s.new), bytes.fromhex(s.original), s.symbol))
+                    off, n = s.key_span
+                    orig = bytes.fromhex(s.original)[off : off + n]
+                    now = self.mem.read(s.site + off, n)
+                    if now != orig:
+                        txn.add(SiteChange(s.site + off, now, orig, s.symbol))
             txn.commit()
-        fixed = Record(keep, record.retired + [r for p in retire for r in p.regions])
+        pads = [_padding_entry(s) for p in retire for s in p.sites if s.key]
+        fixed = Record(keep, record.retired + [r for p in retire for r in p.regions] + pads)
         statemod.write(self.mem, state_addr, fixed)
         return fixed
 
     def _report(self, rec: PatchRecord, commit: CommitReport) -> Report:
-        return Report(
+        rep = Report(
             rec.name,
             rec.version,
-            [(s.symbol, s.site) for s in rec.sites],
+            [(s.symbol, s.key_at) for s in rec.sites],
             max([commit.pause_us, *self._stops_us]),
             commit.threads,
             commit.moved,
         )
+        rep.protocol = commit.protocol
+        return rep
 
 
 def _site_record(s: PlacedSite) -> SiteRecord:
     """What the state remembers of one redirected site."""
+    short = s.plan.pad is not None
     return SiteRecord(
         symbol=s.plan.function.symbol,
         entry=s.plan.prologue.entry,
-        site=s.plan.prologue.site,
+        site=s.plan.address,
         original=s.plan.original.hex(),
         new=s.new.hex(),
         replacement=s.replacement,
         trampoline=s.trampoline.address,
+        klass=s.plan.klass,
+        protocol="A" if short else "R",
+        key=s.plan.prologue.site if short else 0,
     )
 
 
-def _redirect(s: PlacedSite) -> SiteChange:
-    """The jump to write at one site. Over an older version's jump (one instruction) no thread can be
-    inside the bytes; over the original instructions, threads inside move to the trampoline."""
-    pro = s.plan.prologue
-    return SiteChange(
-        address=pro.site,
-        expected=s.plan.current,
+def _redirect(s: PlacedSite, old: SiteRecord | None) -> list[SiteChange]:
+    """The changes that redirect one site. Over an older version's jumps only the long jump's target
+    changes (one instruction, the key is the jump itself; a trapping thread goes to the new replacement);
+    over the original instructions of an ordinary site, threads inside move to the trampoline (B) or are
+    waited for (R); a short-jump site replaces one instruction, so no thread can be inside — but the padding
+    of an earlier, reverted version may still hold its ``E9`` with a thread on it: that jump is then
+    retargeted as an instruction of its own."""
+    pro, plan, label = s.plan.prologue, s.plan, s.plan.function.symbol
+    if plan.upgrading and plan.pad is not None and old is None:
+        n = PAD_LEN
+        stale = SiteChange(plan.pad, plan.current[:n], s.new[:n], label, 0, {}, plan.pad, s.replacement, 0)
+        stale = stale._replace(trap_back=int.from_bytes(plan.current[1:n], "little", signed=True) + plan.pad + n)
+        rest = plan.address + n
+        entry = SiteChange(
+            rest, plan.current[n:], s.new[n:], label, 0, {}, pro.site, s.replacement, s.trampoline.address
+        )
+        return [stale, entry]
+    if plan.upgrading:
+        key = plan.address
+        if old is not None and old.key and len(bytes.fromhex(old.new)) == len(s.new):
+            key = old.site  # the padding's E9: the short jump stays as it is
+        back = old.replacement if old is not None else s.trampoline.address
+        return [SiteChange(plan.address, plan.current, s.new, label, 0, {}, key, s.replacement, back)]
+    ordinary = plan.pad is None
+    change = SiteChange(
+        address=plan.address,
+        expected=plan.current,
         new=s.new,
-        label=s.plan.function.symbol,
-        span=0 if s.plan.upgrading else pro.length,
-        rip_map={} if s.plan.upgrading else s.trampoline.rip_map,
+        label=label,
+        span=pro.length if ordinary else 0,
+        rip_map=s.trampoline.rip_map if ordinary else {},
+        key_address=pro.site,
+        trap_to=s.replacement,
+        trap_back=s.trampoline.address,
     )
+    return [change]
+
+
+def _restore(s: SiteRecord) -> SiteChange:
+    """The change that reverts one site: its key back to the original bytes (a thread trapping meanwhile
+    runs the original instructions in the trampoline). A short-jump site's padding keeps its ``E9`` for now
+    (:func:`_padding_entry`)."""
+    off, n = s.key_span
+    new, orig = bytes.fromhex(s.new)[off : off + n], bytes.fromhex(s.original)[off : off + n]
+    return SiteChange(s.site + off, new, orig, s.symbol, 0, {}, s.key_at, s.trampoline, s.replacement)
+
+
+def _padding_entry(s: SiteRecord) -> list[Any]:
+    """The retired entry for a reverted short-jump site's padding: a thread may still sit on its ``E9``
+    (it took the short jump just before), so the original bytes go back once none is there."""
+    return [s.site, PAD_LEN, bytes.fromhex(s.original)[:PAD_LEN].hex()]
 
 
 def attach(pid: int) -> Target:

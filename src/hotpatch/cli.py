@@ -104,23 +104,41 @@ def build(sources: tuple[str, ...], target: str, out: str, name: str | None, ver
     )
 
 
+_PROTOCOL_OPTION = click.option(
+    "--protocol",
+    type=click.Choice(["auto", "no-stop", "rolling", "stop-the-world"]),
+    default="auto",
+    show_default=True,
+    help="How sites are written (DESIGN.md §4): no-stop (A, int3), rolling (R, one thread at a time), "
+    "stop-the-world (B); auto picks the best each site allows.",
+)
+
+
+def _pause(protocol: str, threads: int, pause_us: float) -> str:
+    """How long threads were stopped, in the words of the protocol used."""
+    if protocol == "B":
+        return f"protocol B: {threads} threads stopped for {pause_us:.0f} µs"
+    return f"protocol {protocol}: {threads} threads traced, none stopped together, longest stop {pause_us:.0f} µs"
+
+
 @main.command()
 @click.option("--pid", required=True, type=int, help="Target process.")
 @click.argument("patch", type=click.Path(dir_okay=False))
+@_PROTOCOL_OPTION
 @guarded
-def apply(pid: int, patch: str) -> None:
+def apply(pid: int, patch: str, protocol: str) -> None:
     """Apply the patch file PATCH to process PID."""
     from .api import attach
     from .patch.bundle import PatchFile
 
     pf = PatchFile(patch)
     with attach(pid) as target:
-        rep = target.apply(pf)
+        rep = target.apply(pf, protocol)
     what = f"upgraded from version {rep.replaced_version}" if rep.replaced_version is not None else "applied"
     click.echo(
         f"{what}: patch {rep.name} version {rep.version} to PID {pid}: "
         + ", ".join(f"{sym} at {addr:#x}" for sym, addr in rep.sites)
-        + f" ({rep.threads} threads stopped for {rep.pause_us:.0f} µs)"
+        + f" ({_pause(rep.protocol, rep.threads, rep.pause_us)})"
     )
 
 
@@ -128,22 +146,23 @@ def apply(pid: int, patch: str) -> None:
 @click.option("--pid", required=True, type=int, help="Target process.")
 @click.argument("name", required=False)
 @click.option("--all", "all_", is_flag=True, help="Revert every applied patch.")
+@_PROTOCOL_OPTION
 @guarded
-def revert(pid: int, name: str | None, all_: bool) -> None:
+def revert(pid: int, name: str | None, all_: bool, protocol: str) -> None:
     """Revert the patch NAME (or --all) in process PID."""
     from .api import attach
 
     if bool(name) == all_:
         _fail("give either a patch NAME or --all", 2)
     with attach(pid) as target:
-        reps = target.revert(None if all_ else name)
+        reps = target.revert(None if all_ else name, protocol)
     if not reps:
         click.echo(f"no patch is applied to PID {pid}")
     for rep in reps:
         kept = f"; its memory is kept while threads may run in it ({len(rep.retained)} region)" if rep.retained else ""
         click.echo(
             f"reverted: patch {rep.name} version {rep.version} in PID {pid} "
-            f"({rep.threads} threads stopped for {rep.pause_us:.0f} µs){kept}"
+            f"({_pause(rep.protocol, rep.threads, rep.pause_us)}){kept}"
         )
 
 
@@ -178,6 +197,23 @@ def demo(seconds: float) -> None:
     from .demo import run
 
     run(seconds, click.echo)
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document: every file, function and total.")
+@click.option("--functions", "functions", is_flag=True, help="One line per function, before the totals.")
+@guarded
+def scan(files: tuple[str, ...], as_json: bool, functions: bool) -> None:
+    """Classify every function of the ELF or PE FILEs: patchable with no pause, with a blip, or not."""
+    from .scan import scan_files
+
+    results = scan_files(files)
+    if as_json:
+        click.echo(json.dumps({"files": [r.as_dict() for r in results]}, indent=2))
+        return
+    for r in results:
+        click.echo("\n".join(r.report(functions)))
 
 
 if __name__ == "__main__":

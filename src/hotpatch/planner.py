@@ -3,37 +3,54 @@
 For every function of the manifest the planner reads the function's bytes from the target, puts back the
 original bytes of any site an older version of the same patch owns, and compares the SHA-256 with the
 manifest (DESIGN.md §6 invariant 2: wrong build, or changed by something else, is refused before any
-write). It then analyses the prologue (:mod:`.x86.prologue`); the site class of this issue is "ordinary"
-and its protocol B (DESIGN.md §4).
+write). Short-jump classes (:mod:`.x86.sites`) also have the 5 bytes of padding before the entry checked
+against the manifest. The site analysis done at build time with the whole target file (class, key,
+lengths) is reused once the hash proved the bytes are the same; an untrusted one is redone here as an
+ordinary site.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .errors import MismatchError, SiteError
 from .modules import Module
 from .patch.manifest import Function
 from .process.memory import Memory
-from .state import Record
+from .state import Record, SiteRecord
 from .x86 import prologue as x86prologue
+from .x86 import sites
 from .x86 import trampoline as x86trampoline
-from .x86.encode import JMP_REL32_LEN, jmp_rel32
+from .x86.encode import JMP_REL8_LEN, JMP_REL32_LEN, jmp_rel8, jmp_rel32
 
 
 class SitePlan(NamedTuple):
-    """One function to redirect: its manifest entry, analysed prologue, and ``current`` bytes at the site
-    (the original ones, or an older version's jump when upgrading)."""
+    """One function to redirect: its manifest entry, the analysed ``prologue`` (the key instruction for
+    short-jump classes, the 5-byte span for ordinary sites) and the ``current`` bytes of the site's region
+    (the original ones, or an older version's jumps when upgrading). Short-jump classes also carry ``pad``
+    (entry - 5, where the ``E9 rel32`` goes), the original ``padding`` there and ``lead`` (the bytes from the
+    entry to the key: ``endbr64`` or nothing)."""
 
     function: Function
     prologue: x86prologue.Prologue
     current: bytes
+    klass: str = sites.ORDINARY
+    pad: int | None = None
+    padding: bytes = b""
+    lead: bytes = b""
+
+    @property
+    def address(self) -> int:
+        """Start of the bytes the redirect writes: the padding, or the site."""
+        return self.prologue.site if self.pad is None else self.pad
 
     @property
     def original(self) -> bytes:
-        """The function's own bytes at the site (what revert puts back)."""
-        return self.prologue.original[:JMP_REL32_LEN]
+        """The target's own bytes over the redirect's region (what revert puts back)."""
+        if self.pad is None:
+            return self.prologue.original[:JMP_REL32_LEN]
+        return self.padding + self.lead + self.prologue.original[:JMP_REL8_LEN]
 
     @property
     def upgrading(self) -> bool:
@@ -50,8 +67,43 @@ class PlacedSite(NamedTuple):
 
     @property
     def new(self) -> bytes:
-        """The ``E9 rel32`` jump to the replacement."""
-        return jmp_rel32(self.plan.prologue.site, self.replacement)
+        """``E9 rel32`` to the replacement at the site; for short-jump classes, ``E9 rel32`` in the padding,
+        the lead, and ``EB rel8`` at the key (seed 001)."""
+        pro = self.plan.prologue
+        if self.plan.pad is None:
+            return jmp_rel32(pro.site, self.replacement)
+        pad = self.plan.pad
+        return jmp_rel32(pad, self.replacement) + self.plan.lead + jmp_rel8(pro.site, pad)
+
+
+def _original_code(
+    mem: Memory,
+    entry: int,
+    size: int,
+    owned: dict[int, tuple[str, SiteRecord]],
+    retired: list[list[Any]],
+    name: str,
+    symbol: str,
+) -> tuple[bytes, bytes, SiteRecord | None]:
+    """The function's bytes and the 5 bytes before it as the target had them before any version of patch
+    ``name`` (its records' original bytes put back), and the record owning the function's site, if any.
+    Raises SiteError when another patch owns it."""
+    lo = entry - sites.PAD_LEN
+    code = bytearray(mem.read(lo, size + sites.PAD_LEN))
+    for r in retired:  # a reverted short-jump site's padding still holding its E9: ours, original below
+        if len(r) > 2 and r[0] == lo:
+            code[: sites.PAD_LEN] = bytes.fromhex(r[2])[: sites.PAD_LEN]
+    mine = None
+    for site, (owner, rec) in owned.items():
+        if rec.entry != entry and not lo <= site < entry + size:
+            continue
+        if owner != name:
+            raise SiteError(f"{symbol} is already patched by patch '{owner}'; revert it first")
+        orig = bytes.fromhex(rec.original)
+        start = max(site, lo)
+        code[start - lo : start - lo + len(orig)] = orig[start - site :][: lo + len(code) - start]
+        mine = rec
+    return bytes(code[sites.PAD_LEN :]), bytes(code[: sites.PAD_LEN]), mine
 
 
 def plan_sites(
@@ -59,32 +111,44 @@ def plan_sites(
 ) -> list[SitePlan]:
     """Check and analyse every function of a patch called ``name`` in ``module``.
 
-    Raises MismatchError when a function's bytes differ from the manifest, SiteError when a site is owned by
-    another patch or cannot be patched safely.
+    Raises MismatchError when a function's bytes (or, for a short-jump class, the padding before it) differ
+    from the manifest, SiteError when a site is owned by another patch or cannot be patched safely.
     """
     owned = {s.site: (p.name, s) for p in record.patches for s in p.sites}
     plans = []
     for f in functions:
         entry = module.bias + f.value
-        code = bytearray(mem.read(entry, f.size))
-        current = b""
-        for site, (owner, rec) in owned.items():
-            if entry <= site < entry + f.size:
-                if owner != name:
-                    raise SiteError(f"{f.symbol} is already patched by patch '{owner}'; revert it first")
-                off = site - entry
-                current = bytes(code[off : off + JMP_REL32_LEN])
-                code[off : off + JMP_REL32_LEN] = bytes.fromhex(rec.original)
+        code, padding, mine = _original_code(mem, entry, f.size, owned, record.retired, name, f.symbol)
         if hashlib.sha256(code).hexdigest() != f.sha256:
             raise MismatchError(
                 f"the bytes of {f.symbol} at {entry:#x} in {module.path} differ from the ones the patch was "
                 "built against (another build, or changed by something else)"
             )
+        ready = f.analysis_trusted and f.klass in sites.READY_CLASSES
+        if ready and padding.hex() != f.padding:
+            raise MismatchError(
+                f"the 5 bytes before {f.symbol} at {entry:#x} are {padding.hex()}, the patch expects {f.padding} "
+                "(changed by something else?)"
+            )
         if f.analysis_trusted:
-            pro = x86prologue.Prologue.from_manifest(entry, bytes(code), f.site_offset, f.lengths, f.position_dependent)
+            least = JMP_REL8_LEN if ready else JMP_REL32_LEN
+            pro = x86prologue.Prologue.from_manifest(entry, code, f.site_offset, f.lengths, f.position_dependent, least)
         else:
-            pro = x86prologue.analyze(f.symbol, entry, bytes(code))
-        plans.append(SitePlan(f, pro, current or pro.original[:JMP_REL32_LEN]))
+            pro = x86prologue.analyze(f.symbol, entry, code)
+        if ready:
+            plan = SitePlan(f, pro, b"", f.klass, entry - sites.PAD_LEN, padding, code[: f.site_offset])
+        else:
+            plan = SitePlan(f, pro, b"")
+        current = plan.original
+        if mine is not None:
+            if mine.site != plan.address or len(bytes.fromhex(mine.new)) != len(current):
+                raise SiteError(
+                    f"{f.symbol}: the applied version redirects it another way; revert patch '{name}' first"
+                )
+            current = mem.read(plan.address, len(current))
+        elif plan.pad is not None:  # a retired padding's E9 is still there: it is replaced as one instruction
+            current = mem.read(plan.pad, sites.PAD_LEN) + current[sites.PAD_LEN :]
+        plans.append(plan._replace(current=current))
     return plans
 
 

@@ -40,9 +40,10 @@ ACTIVE_OFFSET = len(MAGIC)
 
 
 class SiteRecord(NamedTuple):
-    """One redirected site: function ``symbol`` at ``entry``; the jump at ``site`` (entry or entry+4);
-    ``original``/``new``: hex bytes there before/after; ``replacement`` and ``trampoline`` addresses;
-    ``klass`` and ``protocol`` as DESIGN.md §4 names them."""
+    """One redirected site: function ``symbol`` at ``entry``; the bytes written start at ``site`` (the jump:
+    entry or entry+4; for short-jump classes the padding at entry - 5); ``original``/``new``: hex bytes
+    there before/after; ``replacement`` and ``trampoline`` addresses; ``klass`` and ``protocol`` (A, R, B)
+    as DESIGN.md §4 names them; ``key``: the instruction threads enter through (0: ``site``)."""
 
     symbol: str
     entry: int
@@ -53,6 +54,20 @@ class SiteRecord(NamedTuple):
     trampoline: int
     klass: str = "ordinary"
     protocol: str = "B"
+    key: int = 0
+
+    @property
+    def key_at(self) -> int:
+        """The key's address (``key``, else ``site``)."""
+        return self.key or self.site
+
+    @property
+    def key_span(self) -> tuple[int, int]:
+        """(offset from ``site``, length) of the bytes that decide whether the redirect is in force: the
+        short jump for short-jump classes (their padding is never executed once it is gone), else all."""
+        if not self.key:
+            return 0, len(self.new) // 2
+        return self.key - self.site, 2
 
 
 class PatchRecord(NamedTuple):
@@ -79,13 +94,15 @@ class PatchRecord(NamedTuple):
 
 class Record:
     """The whole record: ``patches`` in force (or pending), and ``retired`` regions ``[addr, size]`` of
-    reverted or replaced patches still mapped because a thread might be executing in them."""
+    reverted or replaced patches still mapped because a thread might be executing in them, or
+    ``[addr, size, hex]``: padding of a reverted short-jump site still holding its ``E9 rel32`` (a thread may
+    sit on it), to be given back its original bytes ``hex`` once no thread is there."""
 
     __slots__ = ("patches", "retired")
 
-    def __init__(self, patches: list[PatchRecord] | None = None, retired: list[list[int]] | None = None) -> None:
+    def __init__(self, patches: list[PatchRecord] | None = None, retired: list[list[Any]] | None = None) -> None:
         self.patches: list[PatchRecord] = patches if patches is not None else []
-        self.retired: list[list[int]] = retired if retired is not None else []
+        self.retired: list[list[Any]] = retired if retired is not None else []
 
     def find(self, name: str) -> PatchRecord | None:
         """The patch record called ``name``, or None."""
@@ -181,7 +198,9 @@ def site_status(mem: Memory, patch: PatchRecord) -> str:
     for s in patch.sites:
         new = bytes.fromhex(s.new)
         now = mem.read(s.site, len(new))
-        states.add("applied" if now == new else "reverted" if now == bytes.fromhex(s.original) else "x")
+        off, n = s.key_span
+        reverted = now[off : off + n] == bytes.fromhex(s.original)[off : off + n]
+        states.add("applied" if now == new else "reverted" if reverted else "x")
     if states == {"applied"}:
         return "applied"
     if states == {"reverted"}:

@@ -33,8 +33,12 @@ class SiteChange(NamedTuple):
     """Replace ``expected`` by ``new`` at ``address`` (same length).
 
     ``rip_map`` maps every instruction boundary strictly inside the overwritten instructions
-    ``(address, address + span)`` (and the end) to where a thread stopped there must continue; an empty map
-    means no thread can be inside (the old bytes are a single instruction). ``label`` names it in errors.
+    ``(key, key + span)`` (and the end) to where a thread stopped there must continue; an empty map and
+    ``span`` 0 mean no thread can be inside (the old bytes are a single instruction, or never executed).
+    ``label`` names it in errors. For the int3 protocol (:mod:`hotpatch.int3`): ``key_address`` is the
+    instruction threads enter through (default ``address``; after the padding for short-jump sites),
+    ``trap_to`` where a thread trapping on it goes while the change is made (the new behaviour) and
+    ``trap_back`` where it goes while a failed change is undone (the old behaviour).
     """
 
     address: int
@@ -43,24 +47,37 @@ class SiteChange(NamedTuple):
     label: str
     span: int = 0
     rip_map: MappingOf[int, int] = MappingProxyType({})
+    key_address: int | None = None
+    trap_to: int = 0
+    trap_back: int = 0
+
+    @property
+    def key(self) -> int:
+        """The address of the key instruction (``key_address``, else ``address``)."""
+        return self.address if self.key_address is None else self.key_address
 
 
 class CommitReport:
-    """What a commit did: ``pause_us`` (µs from the first interrupt to the last release), ``threads``
-    stopped, threads ``moved`` out of overwritten bytes, and watched regions found ``busy`` (a RIP or a
-    stack word inside them)."""
+    """What a commit did: ``pause_us`` (the longest time any thread was stopped, µs; under protocol B, from
+    the first interrupt to the last release), ``threads`` traced, threads ``moved`` out of overwritten bytes
+    (B) or redirected from an ``int3`` (A, R), watched regions found ``busy`` (a RIP or a stack word inside
+    them), ``window_us`` the whole commit's length (µs) and the ``protocol`` used."""
 
-    __slots__ = ("busy", "moved", "pause_us", "threads")
+    __slots__ = ("busy", "moved", "pause_us", "protocol", "threads", "window_us")
 
-    def __init__(self) -> None:
+    def __init__(self, protocol: str = "B") -> None:
         self.pause_us = 0.0
+        self.window_us = 0.0
         self.threads = 0
         self.moved = 0
+        self.protocol = protocol
         self.busy: set[tuple[int, int]] = set()
 
 
 @contextmanager
-def _signals_blocked() -> Iterator[None]:
+def signals_blocked() -> Iterator[None]:
+    """Block the tool's catchable termination signals (INT, TERM, HUP, QUIT, PIPE, ALRM) for the block, so a
+    Ctrl-C cannot split a commit; they are delivered when it ends."""
     blocked = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE, signal.SIGALRM}
     old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     try:
@@ -96,7 +113,7 @@ class Transaction:
         maps = read_maps(self.pid) if watch else []
         world = World(self.pid)
         stacks: list[tuple[int, bytes]] = []
-        with _signals_blocked():
+        with signals_blocked():
             try:
                 world.seize()
                 world.stop()
@@ -142,9 +159,9 @@ class Transaction:
             assert th.regs is not None
             rip = th.regs.rip
             for c in self.changes:
-                inside = c.address < rip < c.address + c.span
+                inside = c.key < rip < c.key + c.span
                 # a syscall restart rewinds RIP by 2 onto the `syscall` instruction (research §4.3)
-                rewound = th.restarting and c.address <= rip - 2 < c.address + c.span
+                rewound = th.restarting and c.key <= rip - 2 < c.key + c.span
                 if not (inside or rewound):
                     continue
                 if rip not in c.rip_map:

@@ -1,12 +1,16 @@
-"""A small reader of 64-bit little-endian ELF files: headers, build-id, symbols, dynamic relocations.
+"""A small reader of little-endian ELF files, 64-bit and 32-bit: headers, build-id, symbols, dynamic relocations.
 
 hotpatch reads ELF on every ``apply`` (the patch and the target's modules), so this reader is part of the
 loader: it maps the file and unpacks only the structures it needs, with no import cost (pyelftools, the
 design's first choice, takes ~50 ms to import, 40% of the apply budget; it stays as a second opinion in
 the tests). Layouts: System V gABI (ELF header, program and section headers, ``Elf64_Sym``, ``Elf64_Rela``,
-notes), the GNU ``.gnu.hash`` table (https://flapenguin.me/elf-dt-gnu-hash), and symbol versioning (the
-hidden bit 0x8000 of ``.gnu.version``: of several definitions of one name, the default version wins, as
-ld.so does for an unversioned reference).
+notes, and their ELFCLASS32 forms ``Elf32_Ehdr``/``Elf32_Phdr``/``Elf32_Shdr``/``Elf32_Sym``/``Elf32_Rel``,
+whose fields are 4 bytes wide and, for program headers and symbols, in another order; glibc ``elf.h``), the
+GNU ``.gnu.hash`` table (https://flapenguin.me/elf-dt-gnu-hash; its Bloom words are ELFCLASS-sized), and
+symbol versioning (the hidden bit 0x8000 of ``.gnu.version``: of several definitions of one name, the default
+version wins, as ld.so does for an unversioned reference). i386 objects (``EM_386``) carry SHT_REL
+relocations, whose addend is not in the entry but is the word at the place (i386 psABI, "Relocation
+Types"); :meth:`ElfImage.dynamic_relocations` reads it from the file.
 
 Every malformed or truncated file raises PatchFileError naming it; nothing here raises struct.error.
 """
@@ -23,7 +27,7 @@ from ..errors import PatchFileError
 EM_NAMES = {3: "i386", 40: "arm", 62: "x86_64", 183: "aarch64", 243: "riscv"}
 ET_DYN = 3
 PT_LOAD, PT_NOTE = 1, 4
-SHT_SYMTAB, SHT_RELA, SHT_NOTE, SHT_DYNSYM = 2, 4, 7, 11
+SHT_SYMTAB, SHT_RELA, SHT_NOTE, SHT_REL, SHT_DYNSYM = 2, 4, 7, 9, 11
 SHF_ALLOC = 2
 NT_GNU_BUILD_ID = 3
 STT_OBJECT, STT_FUNC, STT_TLS, STT_GNU_IFUNC = 1, 2, 6, 10
@@ -31,11 +35,42 @@ STB_LOCAL, STB_GLOBAL, STB_WEAK = 0, 1, 2
 SHN_UNDEF = 0
 PAGE = 4096
 
-_EHDR = struct.Struct("<HHIQQQIHHHHHH")  # after e_ident (16 bytes)
-_PHDR = struct.Struct("<IIQQQQQQ")
-_SHDR = struct.Struct("<IIQQQQIIQQ")
-_SYM = struct.Struct("<IBBHQQ")
-_RELA = struct.Struct("<QQq")
+
+class _Layout(NamedTuple):
+    """The on-disk structures of one ELF class (System V gABI; glibc ``elf.h``). ``ehdr`` starts after
+    ``e_ident`` (16 bytes); ``word``: bytes in an address (the ``.gnu.hash`` Bloom word); ``rel_shift``:
+    ``r_info >> rel_shift`` is the symbol index, the rest of ``r_info`` the type (ELF64_R_SYM/ELF32_R_SYM)."""
+
+    ehdr: struct.Struct
+    phdr: struct.Struct
+    shdr: struct.Struct
+    sym: struct.Struct
+    rela: struct.Struct
+    rel: struct.Struct
+    word: int
+    rel_shift: int
+
+
+_ELF64 = _Layout(
+    ehdr=struct.Struct("<HHIQQQIHHHHHH"),
+    phdr=struct.Struct("<IIQQQQQQ"),  # type, flags, offset, vaddr, paddr, filesz, memsz, align
+    shdr=struct.Struct("<IIQQQQIIQQ"),
+    sym=struct.Struct("<IBBHQQ"),  # name, info, other, shndx, value, size
+    rela=struct.Struct("<QQq"),
+    rel=struct.Struct("<QQ"),
+    word=8,
+    rel_shift=32,
+)
+_ELF32 = _Layout(
+    ehdr=struct.Struct("<HHIIIIIHHHHHH"),
+    phdr=struct.Struct("<IIIIIIII"),  # type, offset, vaddr, paddr, filesz, memsz, flags, align
+    shdr=struct.Struct("<IIIIIIIIII"),
+    sym=struct.Struct("<IIIBBH"),  # name, value, size, info, other, shndx
+    rela=struct.Struct("<IIi"),
+    rel=struct.Struct("<II"),
+    word=4,
+    rel_shift=8,
+)
 
 
 class Symbol(NamedTuple):
@@ -51,7 +86,7 @@ class Symbol(NamedTuple):
 
 
 class Segment(NamedTuple):
-    """A program header (``Elf64_Phdr``)."""
+    """A program header (``Elf64_Phdr`` or ``Elf32_Phdr``; offsets, addresses and sizes in bytes)."""
 
     type: int
     flags: int
@@ -62,7 +97,7 @@ class Segment(NamedTuple):
 
 
 class Section(NamedTuple):
-    """A section header (``Elf64_Shdr``) with its resolved name."""
+    """A section header (``Elf64_Shdr`` or ``Elf32_Shdr``) with its resolved name."""
 
     name: str
     type: int
@@ -75,12 +110,18 @@ class Section(NamedTuple):
 
 
 class Rela(NamedTuple):
-    """A relocation (``Elf64_Rela``): ``offset`` patched, ``type``, symbol index ``sym``, ``addend``."""
+    """A relocation: ``offset`` (link-time address of the place), ``type``, symbol index ``sym``, ``addend``.
+
+    From an SHT_RELA entry (``Elf64_Rela``/``Elf32_Rela``) the addend is the entry's; from an SHT_REL entry
+    (``Elf32_Rel``, i386) it is the implicit addend, the signed word at the place in the file image (4 bytes
+    in ELFCLASS32, 8 in ELFCLASS64), and ``implicit`` is True. A place in ``.bss`` reads as 0.
+    """
 
     offset: int
     type: int
     sym: int
     addend: int
+    implicit: bool = False
 
 
 _KINDS = {STT_OBJECT: "object", STT_FUNC: "func", STT_TLS: "tls", STT_GNU_IFUNC: "ifunc"}
@@ -90,8 +131,9 @@ _BINDINGS = {STB_LOCAL: "local", STB_GLOBAL: "global", STB_WEAK: "weak"}
 class ElfImage:
     """An ELF file's bytes (a ``bytes`` object or a read-only mmap) with parsed headers.
 
-    ``machine`` and ``elfclass`` are always available; everything else requires ELF64 little-endian and
-    raises PatchFileError otherwise. Call :meth:`close` to release a mapped file.
+    ``machine`` and ``elfclass`` are always available; everything else requires a little-endian ELF64 or
+    ELF32 file (``e_ident[EI_CLASS]`` 2 or 1, ``EI_DATA`` 1) and raises PatchFileError otherwise. Call
+    :meth:`close` to release a mapped file.
     """
 
     def __init__(self, data: bytes | mmap.mmap, name: str) -> None:
@@ -101,7 +143,8 @@ class ElfImage:
             raise PatchFileError(f"{name} is not an ELF file")
         self.elfclass = 64 if data[4] == 2 else 32
         self.machine_id = int.from_bytes(data[18:20], "little")
-        if self.elfclass == 64 and data[5] == 1:
+        self._layout = _ELF64 if self.elfclass == 64 else _ELF32
+        if data[4] in (1, 2) and data[5] == 1:
             (
                 self.type,
                 _,
@@ -116,21 +159,26 @@ class ElfImage:
                 self.shentsize,
                 self.shnum,
                 self.shstrndx,
-            ) = _EHDR.unpack_from(data, 16)
+            ) = self._layout.ehdr.unpack_from(data, 16)
 
     @property
     def machine(self) -> str:
         """The architecture: ``x86_64``, ``i386``, … (or ``EM_<n>``)."""
         return EM_NAMES.get(self.machine_id, f"EM_{self.machine_id}")
 
+    @property
+    def bitness(self) -> int:
+        """64 for an ELFCLASS64 file, 32 for an ELFCLASS32 one (i386): the width of its addresses in bits."""
+        return self.elfclass
+
     def close(self) -> None:
         """Release the file mapping (a ``bytes`` image needs nothing)."""
         if isinstance(self.data, mmap.mmap):
             self.data.close()
 
-    def _need64(self) -> None:
-        if self.elfclass != 64 or self.data[5] != 1:
-            raise PatchFileError(f"{self.name} is not a 64-bit little-endian ELF file")
+    def _need_le(self) -> None:
+        if self.data[4] not in (1, 2) or self.data[5] != 1:
+            raise PatchFileError(f"{self.name} is not a 64-bit or 32-bit little-endian ELF file")
 
     def _unpack(self, st: struct.Struct, off: int) -> tuple[int, ...]:
         if off < 0 or off + st.size > len(self.data):
@@ -147,10 +195,14 @@ class ElfImage:
     @cached_property
     def segments(self) -> list[Segment]:
         """Every program header."""
-        self._need64()
+        self._need_le()
         out = []
         for i in range(self.phnum):
-            ptype, flags, off, vaddr, _, filesz, memsz, _ = self._unpack(_PHDR, self.phoff + i * self.phentsize)
+            raw = self._unpack(self._layout.phdr, self.phoff + i * self.phentsize)
+            if self.elfclass == 64:
+                ptype, flags, off, vaddr, _, filesz, memsz, _ = raw
+            else:
+                ptype, off, vaddr, _, filesz, memsz, flags, _ = raw
             out.append(Segment(ptype, flags, off, vaddr, filesz, memsz))
         return out
 
@@ -162,10 +214,10 @@ class ElfImage:
     @cached_property
     def sections(self) -> list[Section]:
         """Every section header, with names from ``.shstrtab`` (empty when the file has none)."""
-        self._need64()
+        self._need_le()
         if self.shoff == 0 or self.shnum == 0:
             return []
-        raw = [self._unpack(_SHDR, self.shoff + i * self.shentsize) for i in range(self.shnum)]
+        raw = [self._unpack(self._layout.shdr, self.shoff + i * self.shentsize) for i in range(self.shnum)]
         if self.shstrndx >= len(raw):
             raise PatchFileError(f"{self.name} is corrupt (bad section name table index)")
         strtab = raw[self.shstrndx]
@@ -236,9 +288,21 @@ class ElfImage:
     def _dynsym(self) -> tuple[Section, bytes] | None:
         return self._table(SHT_DYNSYM)
 
+    def _raw_symbol(self, sec: Section, idx: int) -> tuple[int, int, int, int, int]:
+        """``(st_name, st_info, st_shndx, st_value, st_size)`` of entry ``idx`` of symbol table ``sec``."""
+        raw = self._unpack(self._layout.sym, sec.offset + idx * self._layout.sym.size)
+        if self.elfclass == 64:
+            name_off, info, _, shndx, value, size = raw
+        else:
+            name_off, value, size, info, _, shndx = raw
+        return name_off, info, shndx, value, size
+
+    def _symbol_count(self, sec: Section) -> int:
+        return sec.size // self._layout.sym.size
+
     def _symbol_at(self, table: tuple[Section, bytes], idx: int) -> tuple[str, Symbol | None]:
         sec, strtab = table
-        name_off, info, _, shndx, value, size = self._unpack(_SYM, sec.offset + idx * _SYM.size)
+        name_off, info, shndx, value, size = self._raw_symbol(sec, idx)
         end = strtab.find(b"\0", name_off)
         name = strtab[name_off : end if end >= 0 else len(strtab)].decode(errors="replace")
         if shndx == SHN_UNDEF:
@@ -253,19 +317,18 @@ class ElfImage:
         if table is None:
             return []
         out = []
-        for i in range(1, table[0].size // _SYM.size):
+        for i in range(1, self._symbol_count(table[0])):
             name, sym = self._symbol_at(table, i)
-            info = self._unpack(_SYM, table[0].offset + i * _SYM.size)[1]
-            out.append((name, sym, info >> 4))
+            out.append((name, sym, self._raw_symbol(table[0], i)[1] >> 4))
         return out
 
     def dynamic_symbol_by_index(self, idx: int) -> tuple[str, Symbol | None, int]:
         """``.dynsym`` entry ``idx`` as ``(name, definition or None, binding)``."""
         table = self._dynsym
-        if table is None or not 0 <= idx < table[0].size // _SYM.size:
+        if table is None or not 0 <= idx < self._symbol_count(table[0]):
             raise PatchFileError(f"{self.name} is corrupt (symbol index {idx} out of range)")
         name, sym = self._symbol_at(table, idx)
-        return name, sym, self._unpack(_SYM, table[0].offset + idx * _SYM.size)[1] >> 4
+        return name, sym, self._raw_symbol(table[0], idx)[1] >> 4
 
     @cached_property
     def _gnu_hash(self) -> tuple[int, int, int, int, int] | None:
@@ -273,7 +336,7 @@ class ElfImage:
         if sec is None or self._dynsym is None:
             return None
         nbuckets, symoffset, bloom_size, _ = struct.unpack_from("<IIII", self.bytes_at(sec.offset, 16))
-        buckets = sec.offset + 16 + bloom_size * 8
+        buckets = sec.offset + 16 + bloom_size * self._layout.word
         chains = buckets + nbuckets * 4
         return nbuckets, symoffset, buckets, chains, sec.offset
 
@@ -323,7 +386,7 @@ class ElfImage:
         out: dict[str, Symbol] = {}
         if table is None:
             return out
-        for i in range(1, table[0].size // _SYM.size):
+        for i in range(1, self._symbol_count(table[0])):
             name, sym = self._symbol_at(table, i)
             if sym is None or not name:
                 continue
@@ -353,18 +416,40 @@ class ElfImage:
 
     # -- relocations --------------------------------------------------------------------------------
     def dynamic_relocations(self) -> list[Rela]:
-        """Every relocation of the allocated SHT_RELA sections (``.rela.dyn``, ``.rela.plt``)."""
+        """Every relocation of the allocated SHT_RELA and SHT_REL sections (``.rela.dyn``/``.rela.plt``;
+        ``.rel.dyn``/``.rel.plt`` on i386), in section order.
+
+        An SHT_REL entry's addend is read from the place (see :class:`Rela`). Raises PatchFileError when such
+        a place lies outside every PT_LOAD, or a table runs past the end of the file.
+        """
+        lay = self._layout
+        mask = (1 << lay.rel_shift) - 1
         out = []
         for sec in self.sections:
-            if sec.type != SHT_RELA or not sec.flags & SHF_ALLOC:
+            if sec.type not in (SHT_RELA, SHT_REL) or not sec.flags & SHF_ALLOC:
                 continue
-            for i in range(sec.size // _RELA.size):
-                off, info, addend = self._unpack(_RELA, sec.offset + i * _RELA.size)
-                out.append(Rela(off, info & 0xFFFFFFFF, info >> 32, addend))
+            st = lay.rela if sec.type == SHT_RELA else lay.rel
+            for i in range(sec.size // st.size):
+                off, info, *explicit = self._unpack(st, sec.offset + i * st.size)
+                if explicit:
+                    out.append(Rela(off, info & mask, info >> lay.rel_shift, explicit[0]))
+                else:
+                    out.append(Rela(off, info & mask, info >> lay.rel_shift, self._implicit_addend(off), True))
         return out
 
+    def _implicit_addend(self, place: int) -> int:
+        """The signed address-sized word at link-time address ``place`` (an SHT_REL entry's addend)."""
+        try:
+            raw = self.read_vaddr(place, self._layout.word)
+        except PatchFileError:
+            raise PatchFileError(
+                f"{self.name} is corrupt (a relocation at {place:#x} is outside every loadable segment)"
+            ) from None
+        return int.from_bytes(raw, "little", signed=True)
+
     def import_slots(self, name: str) -> list[int]:
-        """Link-time addresses of the GOT slots (R_X86_64_64, GLOB_DAT, JUMP_SLOT) that import ``name``."""
+        """Link-time addresses of the GOT slots that import ``name``: R_X86_64_64, GLOB_DAT, JUMP_SLOT, and on
+        i386 R_386_32, R_386_GLOB_DAT, R_386_JMP_SLOT (the same numbers 1, 6, 7 in both psABIs)."""
         return self._imports_index.get(name, [])
 
     @cached_property

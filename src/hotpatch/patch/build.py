@@ -4,6 +4,10 @@ The sources are compiled by the system gcc/g++ into a position-independent share
 start files (hotpatch never runs a patch's constructors) and with ``-z now`` (every relocation is resolved by
 hotpatch's loader at apply time). A function the sources define with the same symbol as a function of the
 target file replaces it. The manifest (see :mod:`.manifest`) is added with ``objcopy --add-section``.
+
+The patch's architecture follows the target file's: an x86-64 ELF64 target gives an x86-64 patch, an i386
+ELF32 target (``gcc -m32``) one compiled and linked with ``-m32`` (gcc-multilib) whose manifest says
+``arch: i386`` and whose sites are analysed as 32-bit code.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import NamedTuple
 
 from ..elf.image import ElfImage, open_elf
 from ..errors import BuildError, HotpatchError
-from ..x86 import prologue
+from ..x86.sites import READY_CLASSES
 from .bundle import PatchBinary
 from .manifest import SECTION, Function, Manifest, analysis_digest
 
@@ -37,6 +41,8 @@ LINK_FLAGS = [
     "-Wl,--hash-style=gnu",
     "-Wl,--build-id=sha1",
 ]
+# target machine (ElfImage.machine) -> (ELF class, extra gcc flags for compiling and linking)
+TARGET_ARCHES = {"x86_64": (64, []), "i386": (32, ["-m32"])}
 
 
 class BuildResult(NamedTuple):
@@ -86,21 +92,27 @@ def build(
     pname = name or Path(out).name.split(".")[0]
     tgt = open_elf(target, "target file")
     try:
-        if tgt.machine != "x86_64" or tgt.elfclass != 64:
-            raise BuildError(f"target file {target} is {tgt.machine}, hotpatch build supports x86_64 targets")
+        if tgt.machine not in TARGET_ARCHES or tgt.elfclass != TARGET_ARCHES[tgt.machine][0]:
+            raise BuildError(
+                f"target file {target} is {tgt.machine} (ELF{tgt.elfclass}), hotpatch build supports x86_64 and "
+                "i386 targets"
+            )
+        arch_flags = TARGET_ARCHES[tgt.machine][1]
         build_id = tgt.build_id
         if build_id is None:
             raise BuildError(f"target file {target} has no GNU build-id; it cannot be identified in a process")
         with tempfile.TemporaryDirectory(prefix="hotpatch-build-") as tmp:
-            so = _compile_and_link(sources, tmp, extra_flags or [])
+            so = _compile_and_link(sources, tmp, extra_flags or [], arch_flags)
             binary = PatchBinary(Path(so).read_bytes(), so)
+            if binary.arch != tgt.machine:
+                raise BuildError(f"the compiler made a {binary.arch} object for the {tgt.machine} target {target}")
             if binary.has_constructors:
                 raise BuildError("the sources have static constructors, which hotpatch does not run")
             functions = _replaced_functions(binary, tgt, target)
             manifest = Manifest(
                 name=pname,
                 version=version,
-                arch="x86_64",
+                arch=tgt.machine,
                 build_id=build_id,
                 file=Path(target).name,
                 functions=functions,
@@ -128,21 +140,30 @@ def build(
     return BuildResult(out, manifest)
 
 
-def _compile_and_link(sources: list[str], tmp: str, extra: list[str]) -> str:
+def _compile_and_link(sources: list[str], tmp: str, extra: list[str], arch_flags: list[str]) -> str:
+    """Compile each source and link them into ``tmp``/patch-code.so; ``arch_flags`` (``-m32`` for i386) go to
+    every compiler and linker call. Raises BuildError with the compiler's first error line."""
     cxx = any(Path(s).suffix in CXX_SUFFIXES for s in sources)
     objs = []
     for i, src in enumerate(sources):
         compiler = "g++" if Path(src).suffix in CXX_SUFFIXES else "gcc"
         obj = os.path.join(tmp, f"{i}.o")
-        _run([compiler, *COMPILE_FLAGS, "-I", include_dir(), *extra, "-c", src, "-o", obj], f"compiling {src}")
+        cmd = [compiler, *arch_flags, *COMPILE_FLAGS, "-I", include_dir(), *extra, "-c", src, "-o", obj]
+        _run(cmd, f"compiling {src}")
         objs.append(obj)
     so = os.path.join(tmp, "patch-code.so")
-    _run(["g++" if cxx else "gcc", *LINK_FLAGS, "-o", so, *objs, "-lgcc"], "linking the patch")
+    _run(["g++" if cxx else "gcc", *arch_flags, *LINK_FLAGS, "-o", so, *objs, "-lgcc"], "linking the patch")
     return so
 
 
 def _replaced_functions(binary: PatchBinary, tgt_image: ElfImage, target: str) -> tuple[Function, ...]:
+    """The manifest entries of the target's functions the patch defines, each with its site class and
+    analysis decided here, with the whole target file at hand (:func:`hotpatch.scan.classify_symbol`)."""
+    from ..elf.ranges import function_ranges
+    from ..scan import classify_symbol
+
     target_funcs = tgt_image.function_symbols()
+    ranges = function_ranges(tgt_image)
     out = []
     for sym in sorted(binary.symbols.values(), key=lambda s: s.name):
         if sym.kind != "func" or sym.name not in target_funcs:
@@ -154,12 +175,15 @@ def _replaced_functions(binary: PatchBinary, tgt_image: ElfImage, target: str) -
             raise BuildError(f"{sym.name} has no size in {target}'s symbol table; cannot check its bytes")
         code = tgt_image.read_vaddr(orig.value, orig.size)
         try:
-            pro = prologue.analyze(sym.name, orig.value, code)
+            site = classify_symbol(tgt_image, ranges, sym.name, orig)
         except HotpatchError as e:
             raise type(e)(f"cannot patch {target}: {e}") from None
+        pro = site.prologue
         sha = hashlib.sha256(code).hexdigest()
+        padding = site.padding.hex() if site.klass in READY_CLASSES else ""
         desc = (pro.site - pro.entry, pro.lengths, pro.position_dependent)
-        out.append(Function(sym.name, orig.value, orig.size, sha, *desc, analysis_digest(sha, *desc)))
+        digest = analysis_digest(sha, *desc, site.klass, padding)
+        out.append(Function(sym.name, orig.value, orig.size, sha, *desc, digest, site.klass, padding))
     if not out:
         raise BuildError(f"the sources define no function of {target} (a replacement must have the same symbol)")
     return tuple(out)

@@ -1,8 +1,10 @@
 """Reading a patch file: the shared object, its loadable segments, relocations, symbols and manifest.
 
-A patch file is one ELF shared object (x86-64, ``ET_DYN``) with the manifest in the section
-``.hotpatch.manifest`` (see :mod:`hotpatch.patch.manifest`). Relocation types handled are those the loader
-applies (DESIGN.md §5 "Deadlock": RELATIVE, GLOB_DAT, JUMP_SLOT, 64; System V x86-64 psABI §4.4.1).
+A patch file is one ELF shared object (``ET_DYN``; x86-64 ELF64, or i386 ELF32 for 32-bit targets) with the
+manifest in the section ``.hotpatch.manifest`` (see :mod:`hotpatch.patch.manifest`), whose ``arch`` names the
+same machine. Relocation types handled are those the loader applies (DESIGN.md §5 "Deadlock": RELATIVE,
+GLOB_DAT, JUMP_SLOT, 64; System V x86-64 psABI §4.4.1; on i386 RELATIVE, GLOB_DAT, JMP_SLOT, 32 and PC32,
+i386 psABI "Relocation Types", with implicit addends read from the place).
 """
 
 from __future__ import annotations
@@ -20,6 +22,15 @@ R_X86_64_GLOB_DAT = 6
 R_X86_64_JUMP_SLOT = 7
 R_X86_64_RELATIVE = 8
 SUPPORTED_RELOCATIONS = {R_X86_64_NONE, R_X86_64_64, R_X86_64_GLOB_DAT, R_X86_64_JUMP_SLOT, R_X86_64_RELATIVE}
+R_386_NONE = 0
+R_386_32 = 1
+R_386_PC32 = 2
+R_386_GLOB_DAT = 6
+R_386_JMP_SLOT = 7
+R_386_RELATIVE = 8
+SUPPORTED_RELOCATIONS_I386 = {R_386_NONE, R_386_32, R_386_PC32, R_386_GLOB_DAT, R_386_JMP_SLOT, R_386_RELATIVE}
+# machine (ElfImage.machine, Manifest.arch) -> (ELF class, relocation types the loader applies)
+ARCHES = {"x86_64": (64, SUPPORTED_RELOCATIONS), "i386": (32, SUPPORTED_RELOCATIONS_I386)}
 ORIGINAL_SECTION = "hotpatch_original"  # written by HOTPATCH_ORIGINAL in include/hotpatch.h
 
 
@@ -46,7 +57,8 @@ class Relocation(NamedTuple):
 class PatchBinary:
     """The shared object inside a patch file (or the freshly linked one during ``build``).
 
-    Raises PatchFileError when the bytes are not a usable x86-64 shared object.
+    ``arch`` is ``x86_64`` or ``i386`` and ``bitness`` 64 or 32 (its ELF class). Raises PatchFileError when
+    the bytes are not a usable x86-64 ELF64 or i386 ELF32 little-endian shared object.
     """
 
     def __init__(self, data: bytes, where: str) -> None:
@@ -54,10 +66,15 @@ class PatchBinary:
         self.data = data
         self.image = ElfImage(data, where)
         img = self.image
-        if img.machine != "x86_64":
-            raise PatchFileError(f"{where} is a patch for {img.machine} (ELF{img.elfclass}), not for x86_64")
-        if img.elfclass != 64 or data[5] != 1:
-            raise PatchFileError(f"{where} is corrupt (its ELF class/data bytes are not 64-bit little-endian)")
+        if img.machine not in ARCHES:
+            raise PatchFileError(f"{where} is a patch for {img.machine} (ELF{img.elfclass}), not for x86_64 or i386")
+        elfclass, self._supported = ARCHES[img.machine]
+        if img.elfclass != elfclass or data[5] != 1:
+            raise PatchFileError(
+                f"{where} is corrupt (its ELF class/data bytes are not {elfclass}-bit little-endian for {img.machine})"
+            )
+        self.arch: str = img.machine
+        self.bitness: int = img.elfclass
         if img.type != ET_DYN:
             raise PatchFileError(f"{where} is not a shared object")
         self.segments = [
@@ -86,7 +103,7 @@ class PatchBinary:
     def _relocations(self) -> list[Relocation]:
         out: list[Relocation] = []
         for rel in self.image.dynamic_relocations():
-            if rel.type not in SUPPORTED_RELOCATIONS:
+            if rel.type not in self._supported:
                 raise PatchFileError(
                     f"{self.where} needs relocation type {rel.type}, which hotpatch does not apply "
                     "(thread-local storage or IFUNC in a patch is not supported)"
@@ -135,8 +152,13 @@ class PatchFile(PatchBinary):
         if raw is None:
             raise PatchFileError(f"{path} has no hotpatch manifest (section {SECTION}); build it with 'hotpatch build'")
         self.manifest = Manifest.from_json(raw, path)
-        if self.manifest.arch != "x86_64":
-            raise PatchFileError(f"{path} is a patch for {self.manifest.arch}, not for x86_64")
+        if self.manifest.arch not in ARCHES:
+            raise PatchFileError(f"{path} is a patch for {self.manifest.arch}, not for x86_64 or i386")
+        if self.manifest.arch != self.arch:
+            raise PatchFileError(
+                f"{path} is a patch for {self.arch} (ELF{self.bitness}), not for {self.manifest.arch} as its "
+                "manifest says"
+            )
         if self.manifest.content_sha256 != self.content_sha256:
             raise PatchFileError(f"{path} is corrupt: its code does not match the hash in its manifest")
         missing = [f.symbol for f in self.manifest.functions if f.symbol not in self.symbols]

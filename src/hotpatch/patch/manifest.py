@@ -34,19 +34,33 @@ class Function(NamedTuple):
     lengths: tuple[int, ...] = ()
     position_dependent: bool = True
     analysis: str = ""  # analysis_digest() of the above as build wrote it
+    klass: str = "ordinary"  # the site class (hotpatch.x86.sites), decided with the whole target file at hand
+    padding: str = ""  # hex of the 5 bytes before the entry in the target file (short-jump classes only)
 
     @property
     def analysis_trusted(self) -> bool:
         """True when the site description is the one ``build`` bound to ``sha256``; a damaged, hand-edited or
-        older manifest is not trusted and ``apply`` analyses the function's bytes afresh."""
+        older manifest is not trusted and ``apply`` analyses the function's bytes afresh (as an ordinary
+        site: the other classes need the file around the function)."""
         return bool(self.lengths) and self.analysis == analysis_digest(
-            self.sha256, self.site_offset, self.lengths, self.position_dependent
+            self.sha256, self.site_offset, self.lengths, self.position_dependent, self.klass, self.padding
         )
 
 
-def analysis_digest(sha256: str, site_offset: int, lengths: tuple[int, ...], position_dependent: bool) -> str:
-    """SHA-256 binding a build-time site description to the hash of the function's bytes."""
-    return hashlib.sha256(json.dumps([sha256, site_offset, list(lengths), position_dependent]).encode()).hexdigest()
+def analysis_digest(
+    sha256: str,
+    site_offset: int,
+    lengths: tuple[int, ...],
+    position_dependent: bool,
+    klass: str = "ordinary",
+    padding: str = "",
+) -> str:
+    """SHA-256 binding a build-time site description to the hash of the function's bytes (the class and
+    padding are bound only for short-jump classes, so ordinary digests of older builds stay valid)."""
+    doc: list[Any] = [sha256, site_offset, list(lengths), position_dependent]
+    if klass != "ordinary":
+        doc += [klass, padding]
+    return hashlib.sha256(json.dumps(doc).encode()).hexdigest()
 
 
 class Manifest(NamedTuple):
@@ -114,6 +128,9 @@ class Manifest(NamedTuple):
                 and all(isinstance(n, int) and 0 < n <= 15 for n in f.lengths)
                 and isinstance(f.position_dependent, bool)
                 and isinstance(f.analysis, str)
+                and isinstance(f.klass, str)
+                and isinstance(f.padding, str)
+                and re.fullmatch(r"([0-9a-f]{10})?", f.padding) is not None
                 for f in self.functions
             )
         )

@@ -151,7 +151,7 @@ class World:
         """
         want = list(self.threads) if tids is None else tids
         if self._stopped_at is None:
-            self._boost()
+            self.boost()
             self._stopped_at = time.perf_counter()
         for tid in want:
             th = self.threads.get(tid)
@@ -251,7 +251,7 @@ class World:
         if self._old_mask is None:
             self._old_mask = ptrace.block_sigchld()
 
-    def _boost(self) -> None:
+    def boost(self) -> None:
         """Run the tool as SCHED_FIFO while target threads are stopped, when allowed (root or
         CAP_SYS_NICE): the stop window then does not wait behind the target's runnable threads (research §7.1
         measured its latencies with SCHED_FIFO). Without the permission nothing changes."""

@@ -1,0 +1,280 @@
+"""Every thread seized and left running: the mechanics of protocols A and R (DESIGN.md §4, research §0 "A").
+
+:class:`LiveWorld` seizes every thread of the target with ``PTRACE_SEIZE`` (no stop, ``PTRACE_O_TRACECLONE``,
+never ``EXITKILL``) and then only reacts to what the threads report:
+
+* a ``SIGTRAP`` signal-delivery-stop with RIP - 1 on one of the armed ``int3`` bytes: the thread hit a key
+  being rewritten; RIP is set to where the new (or, during a rollback, the old) code sends it and the thread
+  continues with the signal suppressed — the kernel's own ``int3`` handler emulates the new instruction the
+  same way (research §1.3, ``smp_text_poke_int3_handler``);
+* any other signal-delivery-stop: the signal is re-injected at once (``PTRACE_CONT`` with it), so a signal
+  flood only costs each thread one tracer round trip per signal;
+* ``PTRACE_EVENT_CLONE``: the new thread is traced automatically and let go at its first stop;
+* a group-stop (SIGSTOP…): left stopped, detached as it is.
+
+A thread is stopped only when asked (:meth:`stop_one`), one at a time, and each stop's length — from the
+moment the tracer sees it stopped to its resumption; a thread waiting for a CPU stops only when it gets one —
+is kept in ``stops_us``. To leave, :meth:`detach_all` stops each thread alone just long enough for ``PTRACE_DETACH``
+(which needs a stopped tracee, ptrace(2)); pending traps are drained on the way.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+
+from ..errors import TargetError
+from . import ptrace
+from .ptrace import PtraceError, Regs
+from .threads import GROUP_STOP_SIGNALS, STOP_TIMEOUT_S, Thread, World
+
+SPIN_S = 0.0002  # seconds polling the one awaited thread before sleeping on SIGCHLD
+
+
+def _sigtrap_pending(pid: int, tid: int) -> bool:
+    """True when SIGTRAP is pending for thread ``tid`` (``SigPnd`` of /proc/PID/task/TID/status, proc(5))."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("SigPnd:"):
+                    return bool(int(line.split()[1], 16) & (1 << (signal.SIGTRAP - 1)))
+    except OSError:
+        pass
+    return False
+
+
+class LiveWorld(World):
+    """All threads of ``pid`` seized and running; ``traps`` maps an armed ``int3`` address + 1 to the
+    address a thread trapping there continues at. ``trapped`` counts redirected threads; ``stops_us``
+    holds the length (µs) of every stop this object asked for. Raises TargetError as :class:`World` does."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(pid)
+        self.traps: dict[int, int] = {}
+        self.trap_hook: Callable[[int, Regs], None] | None = None  # sees each trapped thread, redirected
+        self.trapped = 0
+        self.stops_us: list[float] = []
+        self._wanted: dict[int, float] = {}  # tid -> perf_counter() when its stop was seen (0: asked, not seen)
+
+    # -- events -------------------------------------------------------------------------------------
+    def pump(self) -> None:
+        """Handle every status the running threads have reported."""
+        for tid in list(self.threads):
+            th = self.threads.get(tid)
+            while th is not None and not th.stopped:
+                try:
+                    status = ptrace.poll_tid(tid)
+                except ChildProcessError:
+                    self.threads.pop(tid, None)
+                    break
+                if status is None:
+                    break
+                self._on_live_status(th, status)
+
+    def _on_live_status(self, th: Thread, status: int) -> None:
+        tid = th.tid
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            self.threads.pop(tid, None)
+            return
+        sig = os.WSTOPSIG(status)
+        event = ptrace.stop_event(status)
+        try:
+            if event == ptrace.PTRACE_EVENT_CLONE:
+                child = ptrace.event_msg(tid)
+                self.threads.setdefault(child, Thread(child))
+                ptrace.cont(tid)
+            elif event == ptrace.PTRACE_EVENT_STOP:
+                if tid in self._wanted:
+                    self._mark_stopped(th)
+                elif sig in GROUP_STOP_SIGNALS:
+                    th.group_stop = True
+                    self._mark_stopped(th)
+                else:  # a new thread's first stop, or a late interrupt: let it run
+                    ptrace.cont(tid)
+            elif event == 0:
+                if sig == signal.SIGTRAP and self._redirect(tid):
+                    return
+                if tid in self._wanted:  # stopped anyway: inspect it now, deliver the signal on resume
+                    th.signal = sig
+                    self._mark_stopped(th)
+                else:
+                    ptrace.cont(tid, sig)
+            else:
+                ptrace.cont(tid)
+        except PtraceError:
+            self.threads.pop(tid, None)  # it died meanwhile
+
+    def _redirect(self, tid: int) -> bool:
+        """A SIGTRAP stop: if it comes from an armed int3, send the thread on (a thread we are waiting for
+        stays stopped, its SIGTRAP dropped) and return True."""
+        regs = ptrace.get_regs(tid)
+        dest = self.traps.get(regs.rip)
+        if dest is None:
+            return False
+        regs.rip = dest
+        ptrace.set_regs(tid, regs)
+        self.trapped += 1
+        if self.trap_hook is not None:
+            self.trap_hook(tid, regs)
+        th = self.threads[tid]
+        if tid in self._wanted:
+            th.signal = 0
+            self._mark_stopped(th)
+        else:
+            ptrace.cont(tid)
+        return True
+
+    def _mark_stopped(self, th: Thread) -> None:
+        if th.tid in self._wanted:
+            self._wanted[th.tid] = time.perf_counter()
+        th.stopped = True
+        th.regs = ptrace.get_regs(th.tid)
+        th.dirty = False
+
+    # -- one thread at a time -----------------------------------------------------------------------
+    def stop_one(self, tid: int) -> Thread | None:
+        """Interrupt thread ``tid`` alone and wait for its stop (traps of the others are served meanwhile).
+
+        Returns the stopped thread, or None when it exited. Raises TargetError when it does not stop within
+        STOP_TIMEOUT_S.
+        """
+        th = self.threads.get(tid)
+        if th is None:
+            return None
+        if th.stopped:
+            return th
+        self._wanted[tid] = 0.0
+        try:
+            ptrace.interrupt(tid)
+        except PtraceError:
+            self.threads.pop(tid, None)
+            self._wanted.pop(tid, None)
+            return None
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        spin_until = time.monotonic() + SPIN_S
+        while tid in self.threads and not th.stopped:
+            try:
+                status = ptrace.poll_tid(tid)
+            except ChildProcessError:
+                self.threads.pop(tid, None)
+                break
+            if status is not None:
+                self._on_live_status(th, status)
+                continue
+            now = time.monotonic()
+            if now < spin_until:
+                continue
+            self.pump()
+            if now > deadline:
+                raise TargetError(f"thread {tid} of PID {self.pid} did not stop within {STOP_TIMEOUT_S:g} s")
+            signal.sigtimedwait([signal.SIGCHLD], 0.001)
+        if tid not in self.threads:
+            self._wanted.pop(tid, None)
+            return None
+        return th
+
+    def resume_one(self, tid: int) -> None:
+        """Let a thread stopped by :meth:`stop_one` run again (with its registers written back and a signal
+        it reported re-injected); its stop length is added to ``stops_us``."""
+        th = self.threads.get(tid)
+        started = self._wanted.pop(tid, None)
+        if th is None or not th.stopped or th.group_stop:
+            return
+        try:
+            self._flush(th)
+            ptrace.cont(tid, th.signal)
+        except PtraceError:
+            self.threads.pop(tid, None)
+        th.stopped = False
+        self._after_release(th)
+        if started:
+            self.stops_us.append((time.perf_counter() - started) * 1e6)
+
+    # -- many threads -----------------------------------------------------------------------------
+    def visit(self, tids: list[int], fn: Callable[[Thread], None], detach: bool = False) -> None:
+        """Interrupt the threads ``tids`` together and, as each one stops, call ``fn`` on it and let it go
+        at once (resume, or ``PTRACE_DETACH`` when ``detach``): each is held only for ``fn``, though the
+        stops of two threads may overlap. Threads that vanish are skipped; traps are served meanwhile.
+        Raises TargetError when a thread does not stop within STOP_TIMEOUT_S."""
+        pending = []
+        for tid in tids:
+            th = self.threads.get(tid)
+            if th is None:
+                continue
+            pending.append(tid)
+            if th.stopped:
+                continue
+            self._wanted[tid] = 0.0
+            try:
+                ptrace.interrupt(tid)
+            except PtraceError:
+                self.threads.pop(tid, None)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while pending:
+            self.pump()
+            left = []
+            for tid in pending:
+                th = self.threads.get(tid)
+                if th is None:
+                    self._wanted.pop(tid, None)
+                elif th.stopped:
+                    fn(th)
+                    if not self._let_go(th, detach):
+                        left.append(tid)
+                else:
+                    left.append(tid)
+            pending = left
+            if pending:
+                if time.monotonic() > deadline:
+                    raise TargetError(f"thread {pending[0]} of PID {self.pid} did not stop within {STOP_TIMEOUT_S:g} s")
+                signal.sigtimedwait([signal.SIGCHLD], 0.001)
+
+    def _let_go(self, th: Thread, detach: bool) -> bool:
+        """Resume or detach a stopped thread; False when it must first take a SIGTRAP it has pending (it
+        hit an armed int3 and then reported our interrupt: the kernel runs job-control traps before
+        dequeuing signals, kernel/signal.c ``get_signal``). Detached then, the SIGTRAP would kill the
+        target; resumed instead, it comes back as a trap stop, is redirected and stays stopped."""
+        if not detach:
+            self.resume_one(th.tid)
+            return True
+        if self.traps and th.signal == 0 and _sigtrap_pending(self.pid, th.tid):
+            try:
+                self._flush(th)
+                ptrace.cont(th.tid)
+            except PtraceError:
+                self.threads.pop(th.tid, None)
+                return True
+            th.stopped = False
+            return False
+        started = self._wanted.pop(th.tid, None)
+        try:
+            self._flush(th)
+            ptrace.detach(th.tid, th.signal)
+        except PtraceError:
+            pass
+        self._after_release(th)
+        if started:
+            self.stops_us.append((time.perf_counter() - started) * 1e6)
+        self.threads.pop(th.tid, None)
+        return True
+
+    def detach_all(self) -> None:
+        """Detach every thread (``PTRACE_DETACH`` needs a stopped tracee: each is interrupted and detached the
+        moment it stops); never raises for threads that vanished. Traps still pending are served first
+        (their ``int3`` may already be gone), so no thread is left to take a stray ``SIGTRAP``."""
+        for _ in range(100):
+            self.pump()
+            if not self.threads:
+                break
+            try:
+                self.visit(list(self.threads), lambda th: None, detach=True)
+            except TargetError:
+                break
+        self.release()  # whatever is left (a thread that would not stop); restores the tool's signal mask
+
+    @property
+    def longest_one_us(self) -> float:
+        """The longest single-thread stop so far, in µs (0 when none)."""
+        return max(self.stops_us, default=0.0)
