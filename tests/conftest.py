@@ -46,8 +46,14 @@ def procs() -> Iterator[Procs]:
 
 def run_cli(*args: str | Path, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
     """Run ``python -m hotpatch ARGS`` and return the completed process (text output)."""
-    return subprocess.run([sys.executable, "-m", "hotpatch", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, check=False, **kw)  # type: ignore[call-overload]
+    return subprocess.run(
+        [sys.executable, "-m", "hotpatch", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        **kw,
+    )  # type: ignore[call-overload]
 
 
 def wait_for_line(proc: subprocess.Popen[bytes], predicate: object, timeout: float = 10.0) -> str:

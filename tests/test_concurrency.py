@@ -25,8 +25,9 @@ from conftest import TARGETS, Procs, assert_running, compile_program, run_cli, w
 
 CYCLES = 1000
 THREADS = 8
-STATS = re.compile(r"stats " + " ".join(f"({k})=(\\d+)" for k in
-                                         ("c_old", "c_new", "c_flips", "m_old", "m_new", "m_flips")))
+STATS = re.compile(
+    r"stats " + " ".join(f"({k})=(\\d+)" for k in ("c_old", "c_new", "c_flips", "m_old", "m_new", "m_flips"))
+)
 
 
 def read_stats(proc: subprocess.Popen[bytes]) -> dict[str, int]:
@@ -119,8 +120,10 @@ def test_thousand_apply_revert_cycles_under_load(tmp_path: Path, procs: Procs) -
     assert m is not None
 
     grown = {k: end[k] - start[k] for k in end}
-    print(f"{CYCLES} cycles in {elapsed:.1f} s ({elapsed / CYCLES * 1e3:.1f} ms each); {moved} threads moved "
-          f"into trampolines; counters {grown}")
+    print(
+        f"{CYCLES} cycles in {elapsed:.1f} s ({elapsed / CYCLES * 1e3:.1f} ms each); {moved} threads moved "
+        f"into trampolines; counters {grown}"
+    )
     # during the cycles the threads kept calling both functions and saw both values, switching often
     assert all(grown[k] > 0 for k in ("c_old", "c_new", "m_old", "m_new")), grown
     assert grown["c_flips"] >= 50 and grown["m_flips"] >= 50, grown

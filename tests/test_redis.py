@@ -126,9 +126,23 @@ def _start_redis(procs: Procs, server: str, workdir: Path) -> tuple[subprocess.P
     for _attempt in range(5):
         port = _free_port()
         proc = procs.start(
-            server, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
-            "--daemonize", "no", "--protected-mode", "yes", "--dir", str(workdir),
-            "--logfile", str(workdir / f"redis-{port}.log"),
+            server,
+            "--port",
+            str(port),
+            "--bind",
+            HOST,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--dir",
+            str(workdir),
+            "--logfile",
+            str(workdir / f"redis-{port}.log"),
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and proc.poll() is None:
@@ -153,8 +167,9 @@ def _start_redis(procs: Procs, server: str, workdir: Path) -> tuple[subprocess.P
 
 def _cli(cli: str, port: int, *args: str) -> str:
     """Run ``redis-cli -h 127.0.0.1 -p PORT ARGS`` and return its stripped stdout."""
-    res = subprocess.run([cli, "-h", HOST, "-p", str(port), *args], capture_output=True, text=True,
-                         timeout=30, check=False)
+    res = subprocess.run(
+        [cli, "-h", HOST, "-p", str(port), *args], capture_output=True, text=True, timeout=30, check=False
+    )
     assert res.returncode == 0, f"redis-cli {' '.join(args)}: {res.stderr}"
     return res.stdout.strip()
 
@@ -216,8 +231,7 @@ class Pinger(Client):
         self.replies[reply] = self.replies.get(reply, 0) + 1
 
 
-def _wait_load_started(port: int, bench_clients: int, writer: Writer, pinger: Pinger,
-                       timeout: float = 20.0) -> None:
+def _wait_load_started(port: int, bench_clients: int, writer: Writer, pinger: Pinger, timeout: float = 20.0) -> None:
     """Wait until redis-benchmark's connections are open (INFO connected_clients counts them beside the
     writer's, the pinger's and this one) and the writer and the pinger have had replies."""
     c = Resp(port)
@@ -255,8 +269,7 @@ def test_patch_redis_ping_under_load(procs: Procs, tmp_path: Path) -> None:
     src = tmp_path / "ping_patched.c"
     src.write_text(PATCH_SOURCE)
     patch = tmp_path / "redis-ping.hp"
-    res = run_cli("build", src, "--target", server_file, "-o", patch, "--name", "redis-ping",
-                  "--version", "1")
+    res = run_cli("build", src, "--target", server_file, "-o", patch, "--name", "redis-ping", "--version", "1")
     assert res.returncode == 0, res.stderr
     assert "pingCommand" in res.stdout
 
@@ -313,9 +326,7 @@ def test_patch_redis_ping_under_load(procs: Procs, tmp_path: Path) -> None:
     segments = text.replace("\r", "\n").splitlines()
     final_lines = [seg.strip() for seg in segments if "requests per second" in seg]
     for test_name in ("PING_INLINE", "PING_MBULK", "SET", "GET"):
-        assert any(line.startswith(f"{test_name}:") for line in final_lines), (
-            f"{test_name} missing:\n{text[-2000:]}"
-        )
+        assert any(line.startswith(f"{test_name}:") for line in final_lines), f"{test_name} missing:\n{text[-2000:]}"
     assert "error" not in text.lower(), text[-2000:]
 
     assert writer.error is None, f"writer: {writer.error!r}"

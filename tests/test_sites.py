@@ -131,7 +131,8 @@ def site_of(patch: dict[str, Any], symbol: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def sites_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``targets/sites.c`` built as gcc builds by default here: a PIE without CET instrumentation."""
-    return compile_program(TARGETS / "sites.c", tmp_path_factory.mktemp("sites") / "sites")
+    # no alignment padding: every function is an ordinary site (the 5-byte jump these tests check)
+    return compile_program(TARGETS / "sites.c", tmp_path_factory.mktemp("sites") / "sites", "-falign-functions=1")
 
 
 def is_pie(path: Path) -> bool:
@@ -187,9 +188,8 @@ def lib_program(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """``targets/libsite.c`` built as ``libsite.so`` and ``targets/libmain.c`` (a PIE) linked against it:
     (library, program)."""
     top = tmp_path_factory.mktemp("lib")
-    so = compile_program(TARGETS / "libsite.c", top / "libsite.so", shared=True)
-    exe = compile_program(TARGETS / "libmain.c", top / "libmain", "-Wl,--no-as-needed", str(so),
-                          f"-Wl,-rpath,{top}")
+    so = compile_program(TARGETS / "libsite.c", top / "libsite.so", "-falign-functions=1", shared=True)
+    exe = compile_program(TARGETS / "libmain.c", top / "libmain", "-Wl,--no-as-needed", str(so), f"-Wl,-rpath,{top}")
     return so, exe
 
 
@@ -219,8 +219,9 @@ def test_shared_library_function(lib_program: tuple[Path, Path], tmp_path: Path,
     assert_running(t.pid)
 
 
-def test_library_patch_reads_copy_relocated_variable(lib_program: tuple[Path, Path], tmp_path: Path,
-                                                     procs: Procs) -> None:
+def test_library_patch_reads_copy_relocated_variable(
+    lib_program: tuple[Path, Path], tmp_path: Path, procs: Procs
+) -> None:
     """A library patch that reads the library's exported variable gets the copy the program really uses.
     The PIE refers to ``lib_calls``, so ld.so copies it into the executable and binds the library's own
     references there; resolving it to the library's unused definition would read 0."""
@@ -244,7 +245,7 @@ def test_library_patch_reads_copy_relocated_variable(lib_program: tuple[Path, Pa
 def test_site_after_endbr64(tmp_path: Path, procs: Procs) -> None:
     """With ``-fcf-protection`` the function starts with ``endbr64``: the jump is written at entry+4 and
     the endbr64 at the entry stays, so indirect calls still land on it; revert restores entry+4."""
-    exe = compile_program(TARGETS / "sites.c", tmp_path / "sites-cet", "-fcf-protection")
+    exe = compile_program(TARGETS / "sites.c", tmp_path / "sites-cet", "-fcf-protection", "-falign-functions=1")
     patch = build("sites_patch.c", exe, tmp_path / "plain.hp", "--name", "plain")
     t = Answering.start(procs, exe)
     entry = t.addrs["plain"]
@@ -298,7 +299,7 @@ def test_rip_relative_prologue_through_original(sites_exe: Path, tmp_path: Path,
 def test_prologue_across_page_boundary(sites_exe: Path, tmp_path: Path, procs: Procs) -> None:
     """``crosspage`` starts 2 bytes before a page boundary, so its first instruction and the 5-byte jump
     span two pages; apply writes both, the original still runs from its trampoline, revert restores both."""
-    patch = build("crosspage_patch.c", sites_exe, tmp_path / "crosspage.hp", "--name", "crosspage")
+    patch = build("crosspage_patch.c", sites_exe, tmp_path / "crosspage.hp", "--name", "crosspage", "--ordinary-sites")
     t = Answering.start(procs, sites_exe)
     entry = t.addrs["crosspage"]
     assert entry % 4096 > 4096 - 5, f"crosspage at {entry:#x} does not cross a page boundary"
@@ -323,7 +324,7 @@ def test_prologue_across_page_boundary(sites_exe: Path, tmp_path: Path, procs: P
 def test_two_functions_in_one_patch(sites_exe: Path, tmp_path: Path, procs: Procs) -> None:
     """One patch replacing pair_a and pair_b switches both at once and its revert restores both; the
     other functions are untouched throughout."""
-    patch = build("pair_patch.c", sites_exe, tmp_path / "pair.hp", "--name", "pair")
+    patch = build("pair_patch.c", sites_exe, tmp_path / "pair.hp", "--name", "pair", "--ordinary-sites")
     t = Answering.start(procs, sites_exe)
     before = {name: peek(t.pid, t.addrs[name], 16) for name in t.addrs}
     assert t.ask(1) == {"plain": 4, "riprel": 0x5EEE, "crosspage": 1235, "pair_a": 11, "pair_b": 21}

@@ -125,14 +125,16 @@ def test_call_target_inside_first_five_bytes_is_refused() -> None:
 
 
 def test_branch_target_inside_after_endbr64() -> None:
-    """With ``endbr64`` the forbidden range is ``(entry+4, entry+4+length)``: a branch to entry+4 is fine,
-    one to entry+5 is not."""
+    """With ``endbr64`` the forbidden range is ``[entry+4, entry+4+length)``: a branch to the entry is a
+    tail call and fine; one to entry+4 (a loop head just after endbr64, which would enter the replacement in
+    the middle of the function — accepted before issue 3) or entry+5 is refused."""
     # endbr64 (0); push rbp (4); mov rbp,rsp (5); push rbx (8); test edi,edi (9); jne rel8 (11, ends at 13)
     base = "f3 0f 1e fa 55 48 89 e5 53 85 ff 75 {rel:02x} 5b 5d c3"
-    pro = prologue.analyze("f", ENTRY, h(base.format(rel=(4 - 13) & 0xFF)))
+    pro = prologue.analyze("f", ENTRY, h(base.format(rel=(0 - 13) & 0xFF)))
     assert pro.site == ENTRY + 4
-    with pytest.raises(SiteError, match=f"branches to {ENTRY + 5:#x}"):
-        prologue.analyze("f", ENTRY, h(base.format(rel=(5 - 13) & 0xFF)))
+    for target in (4, 5):
+        with pytest.raises(SiteError, match=f"branches to {ENTRY + target:#x}"):
+            prologue.analyze("f", ENTRY, h(base.format(rel=(target - 13) & 0xFF)))
 
 
 def test_invalid_instruction_is_refused() -> None:

@@ -91,12 +91,19 @@ def main() -> None:
     show_default=True,
     help="Integer version; a newer version replaces an older one.",
 )
+@click.option(
+    "--ordinary-sites",
+    is_flag=True,
+    help="Redirect every function with a 5-byte jump at its entry (protocols R, B), never a short jump.",
+)
 @guarded
-def build(sources: tuple[str, ...], target: str, out: str, name: str | None, version: int) -> None:
+def build(
+    sources: tuple[str, ...], target: str, out: str, name: str | None, version: int, ordinary_sites: bool
+) -> None:
     """Compile SOURCES into one patch file for TARGET."""
     from .patch.build import build as do_build
 
-    res = do_build(list(sources), target, out, name=name, version=version)
+    res = do_build(list(sources), target, out, name=name, version=version, ordinary_sites=ordinary_sites)
     m = res.manifest
     click.echo(
         f"built {out}: patch {m.name} version {m.version} for {m.file} (build-id {m.build_id[:12]}…), "
@@ -197,6 +204,19 @@ def demo(seconds: float) -> None:
     from .demo import run
 
     run(seconds, click.echo)
+
+
+CFLAGS = "-fpatchable-function-entry=16,14"
+"""gcc flags that make every function hotpatch-ready: 14 NOPs before the entry and a 2-byte NOP at it (after
+``endbr64`` with -fcf-protection): libpulp's layout (DESIGN.md §4). No post-link step is needed: the short
+jump's displacement byte (F9 at the entry, F5 after endbr64) is harmless for a thread between the NOPs."""
+
+
+@main.command()
+@guarded
+def cflags() -> None:
+    """Print the gcc/g++ flags that make C/C++ code hotpatch-ready (patched with no stop, protocol A)."""
+    click.echo(CFLAGS)
 
 
 @main.command()

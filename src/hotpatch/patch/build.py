@@ -23,7 +23,8 @@ from typing import NamedTuple
 
 from ..elf.image import ElfImage, open_elf
 from ..errors import BuildError, HotpatchError
-from ..x86.sites import READY_CLASSES
+from ..x86 import prologue
+from ..x86.sites import ORDINARY, PROTOCOL_R, READY_CLASSES, Site
 from .bundle import PatchBinary
 from .manifest import SECTION, Function, Manifest, analysis_digest
 
@@ -75,6 +76,7 @@ def build(
     name: str | None = None,
     version: int = 1,
     extra_flags: list[str] | None = None,
+    ordinary_sites: bool = False,
 ) -> BuildResult:
     """Compile ``sources`` into the patch file ``out`` for the module file ``target``.
 
@@ -108,7 +110,7 @@ def build(
                 raise BuildError(f"the compiler made a {binary.arch} object for the {tgt.machine} target {target}")
             if binary.has_constructors:
                 raise BuildError("the sources have static constructors, which hotpatch does not run")
-            functions = _replaced_functions(binary, tgt, target)
+            functions = _replaced_functions(binary, tgt, target, ordinary_sites)
             manifest = Manifest(
                 name=pname,
                 version=version,
@@ -156,9 +158,12 @@ def _compile_and_link(sources: list[str], tmp: str, extra: list[str], arch_flags
     return so
 
 
-def _replaced_functions(binary: PatchBinary, tgt_image: ElfImage, target: str) -> tuple[Function, ...]:
+def _replaced_functions(
+    binary: PatchBinary, tgt_image: ElfImage, target: str, ordinary_sites: bool = False
+) -> tuple[Function, ...]:
     """The manifest entries of the target's functions the patch defines, each with its site class and
-    analysis decided here, with the whole target file at hand (:func:`hotpatch.scan.classify_symbol`)."""
+    analysis decided here, with the whole target file at hand (:func:`hotpatch.scan.classify_symbol`);
+    ``ordinary_sites`` forces the 5-byte jump of an ordinary site everywhere."""
     from ..elf.ranges import function_ranges
     from ..scan import classify_symbol
 
@@ -175,7 +180,11 @@ def _replaced_functions(binary: PatchBinary, tgt_image: ElfImage, target: str) -
             raise BuildError(f"{sym.name} has no size in {target}'s symbol table; cannot check its bytes")
         code = tgt_image.read_vaddr(orig.value, orig.size)
         try:
-            site = classify_symbol(tgt_image, ranges, sym.name, orig)
+            if ordinary_sites:
+                pro = prologue.analyze(sym.name, orig.value, code, tgt_image.bitness)
+                site = Site(ORDINARY, PROTOCOL_R, pro)
+            else:
+                site = classify_symbol(tgt_image, ranges, sym.name, orig)
         except HotpatchError as e:
             raise type(e)(f"cannot patch {target}: {e}") from None
         pro = site.prologue

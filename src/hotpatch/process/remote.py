@@ -199,8 +199,9 @@ class Injector:
     ``thread`` must be stopped and not in a group-stop. ``bitness`` (64 or 32) picks the stub and calling
     convention (:class:`Arch`); by default it is the mode of the code the thread runs (its ``cs``), else the
     executable's ELF class. Each call costs two ptrace round trips (entry and exit stops). Call :meth:`close`
-    before the world is released: it puts the thread back and erases the stub. Raises TargetError when the
-    bitness cannot be told.
+    before the world is released: it puts the thread back and erases the stub. ``arch`` is the chosen
+    :class:`Arch`. Raises TargetError when the bitness cannot be told, ValueError for a ``bitness`` other
+    than 64 or 32.
     """
 
     def __init__(
@@ -212,7 +213,10 @@ class Injector:
         th = thread or self.pick_thread(world)
         self.thread = th
         assert th.regs is not None
-        self.arch = ARCHES[bitness or thread_bitness(th.regs) or process_bitness(world.pid)]
+        mode = bitness or thread_bitness(th.regs) or process_bitness(world.pid)
+        if mode not in ARCHES:
+            raise ValueError(f"bitness must be 64 or 32, not {mode}")
+        self.arch: Arch = ARCHES[mode]
         if th.signal:  # resuming would swallow it: re-raise it on release instead
             th.extra_signals.append(th.signal)
             th.signal = 0
