@@ -27,14 +27,14 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 
-from .errors import HotpatchError, MismatchError, TargetError
+from .errors import HotpatchError, TargetError
 from .process.live import LiveWorld
 from .process.maps import Mapping, read_maps
 from .process.memory import Memory
 from .process.ptrace import Regs
 from .process.remote import Injector, SyscallError
 from .process.threads import Thread, thread_state
-from .transaction import STACK_SCAN_LIMIT, CommitReport, SiteChange, signals_blocked
+from .transaction import STACK_SCAN_LIMIT, CommitReport, SiteChange, check_bytes, signals_blocked
 
 SYS_MEMBARRIER = 324  # arch/x86/entry/syscalls/syscall_64.tbl
 MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE = 1 << 5  # include/uapi/linux/membarrier.h
@@ -146,7 +146,7 @@ class Int3Commit:
                 report.threads = len(world.threads)
                 syncer = Syncer(world, self.mem, self.stub)
                 syncer.sync()  # registers for SYNC_CORE (once per process) before the window opens
-                self._check_bytes()
+                check_bytes(self.mem, self.changes)
                 self._commit(world, syncer, maps)
                 if watch:
                     report.busy = _watch_pass(world, self.mem, maps, watch)
@@ -156,15 +156,6 @@ class Int3Commit:
         report.pause_us = world.longest_one_us
         report.window_us = (time.perf_counter() - started) * 1e6
         return report
-
-    def _check_bytes(self) -> None:
-        for c in self.changes:
-            now = self.mem.read(c.address, len(c.expected))
-            if now != c.expected:
-                raise MismatchError(
-                    f"{c.label}: the bytes at {c.address:#x} are {now.hex()}, expected {c.expected.hex()} "
-                    "(changed by something else?)"
-                )
 
     def _commit(self, world: LiveWorld, syncer: Syncer, maps: list[Mapping]) -> None:
         for c in self.changes:

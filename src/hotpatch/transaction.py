@@ -86,6 +86,18 @@ def signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def check_bytes(mem: Memory, changes: Sequence[SiteChange]) -> None:
+    """Invariant 2: every change's ``expected`` bytes are in the target now. Raises MismatchError naming
+    the first site that differs (nothing has been written)."""
+    for c in changes:
+        now = mem.read(c.address, len(c.expected))
+        if now != c.expected:
+            raise MismatchError(
+                f"{c.label}: the bytes at {c.address:#x} are {now.hex()}, expected {c.expected.hex()} "
+                "(changed by something else?)"
+            )
+
+
 class Transaction:
     """A set of site changes in one target, applied all-or-nothing by :meth:`commit`.
 
@@ -145,13 +157,7 @@ class Transaction:
         return report
 
     def _check_bytes(self) -> None:
-        for c in self.changes:
-            now = self.mem.read(c.address, len(c.expected))
-            if now != c.expected:
-                raise MismatchError(
-                    f"{c.label}: the bytes at {c.address:#x} are {now.hex()}, expected {c.expected.hex()} "
-                    "(changed by something else?)"
-                )
+        check_bytes(self.mem, self.changes)
 
     def _plan_moves(self, world: World) -> list[tuple[Thread, int]]:
         moves = []
