@@ -13,6 +13,13 @@ import subprocess
 from pathlib import Path
 
 
+def _tasks(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
+
+
 class Procs:
     """Starts processes (stdout and stderr to ``output`` unless given) and reaps them all in :meth:`reap`,
     which a ``with`` block calls on exit."""
@@ -43,6 +50,12 @@ class Procs:
                     os.kill(p.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=10)
+            if p.poll() is None:  # threads still traced by this process (the API used in-process): reap them
+                for tid in _tasks(p.pid):
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(tid, 0x40000000 | os.WNOHANG)  # __WALL
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=10)
             for stream in (p.stdin, p.stdout, p.stderr):
                 if stream is not None:
                     stream.close()

@@ -326,7 +326,10 @@ def test_two_functions_in_one_patch(sites_exe: Path, tmp_path: Path, procs: Proc
     other functions are untouched throughout."""
     patch = build("pair_patch.c", sites_exe, tmp_path / "pair.hp", "--name", "pair", "--ordinary-sites")
     t = Answering.start(procs, sites_exe)
-    before = {name: peek(t.pid, t.addrs[name], 16) for name in t.addrs}
+    # each function's own bytes, up to the next one (the target is built with -falign-functions=1)
+    starts = sorted(t.addrs.values())
+    size = {n: min([b for b in starts if b > a] + [a + 16]) - a for n, a in t.addrs.items()}
+    before = {name: peek(t.pid, t.addrs[name], size[name]) for name in t.addrs}
     assert t.ask(1) == {"plain": 4, "riprel": 0x5EEE, "crosspage": 1235, "pair_a": 11, "pair_b": 21}
 
     applied = apply(t, patch)
@@ -334,9 +337,9 @@ def test_two_functions_in_one_patch(sites_exe: Path, tmp_path: Path, procs: Proc
     assert {s["symbol"]: s["site"] for s in applied["sites"]} == {n: t.addrs[n] for n in ("pair_a", "pair_b")}
     assert t.ask(1) == {"plain": 4, "riprel": 0x5EEE, "crosspage": 1235, "pair_a": 101, "pair_b": 201}
     for name in ("plain", "riprel", "crosspage"):
-        assert peek(t.pid, t.addrs[name], 16) == before[name]
+        assert peek(t.pid, t.addrs[name], size[name]) == before[name]
 
     revert(t, "pair")
-    assert {name: peek(t.pid, t.addrs[name], 16) for name in t.addrs} == before
+    assert {name: peek(t.pid, t.addrs[name], size[name]) for name in t.addrs} == before
     assert t.ask(1) == {"plain": 4, "riprel": 0x5EEE, "crosspage": 1235, "pair_a": 11, "pair_b": 21}
     assert_running(t.pid)

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 from . import state as statemod
 from .errors import HotpatchError, SiteError, StateError, TargetError, UpToDateError
-from .int3 import Int3Commit, RollingTimeout
+from .livecommit import LiveCommit, RollingTimeout, wait_settled
 from .loader import Layout, load
 from .modules import ModuleSet
 from .patch.bundle import PatchFile
@@ -172,8 +172,12 @@ class Target:
             yield inject
 
     def _record(self, maps: list[Mapping]) -> tuple[int | None, Record]:
+        """The state mapping's address and record, once no commit program of a killed tool still runs."""
         addr = statemod.find_region(maps)
-        return addr, statemod.read(self.mem, addr)
+        record = statemod.read(self.mem, addr)
+        keys = [s.key_at for p in record.patches for s in p.sites] + [r[0] for r in record.retired if len(r) > 2]
+        wait_settled(self.mem, keys)
+        return addr, record
 
     # -- status -------------------------------------------------------------------------------------
     def status(self) -> Status:
@@ -319,7 +323,17 @@ class Target:
 
     def _free_unused(self, retired: list[list[Any]], busy: set[tuple[int, int]]) -> list[list[Any]]:
         """Free the ``retired`` entries not in ``busy`` — unmap a region, give a padding its original bytes
-        back (:class:`hotpatch.state.Record`) —; return the busy ones, to be kept in the record."""
+        back (:class:`hotpatch.state.Record`) —; return the busy ones, to be kept in the record.
+
+        A padding kept because a thread stands on its ``E9`` keeps the region that jump leads to as well."""
+        busy = set(busy)
+        for r in retired:
+            if len(r) > 2 and (r[0], r[1]) in busy:
+                with suppress(HotpatchError):
+                    jump = self.mem.read(r[0], PAD_LEN)
+                    if jump[0] == 0xE9:
+                        dest = r[0] + PAD_LEN + int.from_bytes(jump[1:], "little", signed=True)
+                        busy |= {(a[0], a[1]) for a in retired if len(a) == 2 and a[0] <= dest < a[0] + a[1]}
         free = [r for r in retired if (r[0], r[1]) not in busy]
         for r in free:
             if len(r) > 2:
@@ -351,10 +365,10 @@ class Target:
         watch = [(r[0], r[1]) for r in retired]
         if proto in ("A", "R"):
             try:
-                report = Int3Commit(self.pid, self.mem, self._stub(), changes).run(watch)
+                report = LiveCommit(self.pid, self.mem, self._stub(), changes).run(watch)
                 report.protocol = proto
                 return report
-            except RollingTimeout:
+            except (RollingTimeout, SiteError):  # SiteError: a key whose 2-byte store would be torn
                 if protocol != "auto":
                     raise
         txn = Transaction(self.pid, self.mem)

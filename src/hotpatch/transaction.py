@@ -76,9 +76,9 @@ class CommitReport:
 
 @contextmanager
 def signals_blocked() -> Iterator[None]:
-    """Block the tool's catchable termination signals (INT, TERM, HUP, QUIT, PIPE, ALRM) for the block, so a
+    """Block the tool's catchable termination signals (INT, TERM, HUP, QUIT, PIPE) for the block, so a
     Ctrl-C cannot split a commit; they are delivered when it ends."""
-    blocked = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE, signal.SIGALRM}
+    blocked = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE}
     old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     try:
         yield

@@ -238,7 +238,10 @@ class World:
                     if th.tid in self.threads:
                         ptrace.detach(th.tid, th.signal)
             except (PtraceError, TargetError):
-                pass
+                # gone: reap its exit if it is a zombie still traced by us, or its thread group is never
+                # reaped while we live (an in-process caller that is also its parent would wait forever)
+                with contextlib.suppress(ChildProcessError):
+                    ptrace.poll_tid(th.tid)
             self._after_release(th)
         self.threads.clear()
         self._running()

@@ -1,0 +1,317 @@
+"""Protocols A (no stop) and R (rolling): a commit made by a thread of the target (DESIGN.md §4, §5).
+
+The stores are made by :mod:`hotpatch.x86.selfloop`'s program, run by one thread of the target (asleep in a
+system call when there is one), so a SIGKILL of the tool at any point never leaves a trap or a half-made change
+behind: the program ends on its own. Steps:
+
+1. All threads are seized and left running (:class:`~hotpatch.process.live.LiveWorld`). One thread, whose
+   registers and stack are clear of the bytes to overwrite, maps a code page and a data page (two injected
+   system calls), and is pointed at the program.
+2. The program puts ``EB FE`` at every key and syncs (``membarrier`` SYNC_CORE, registered once per process
+   before anything is written). A thread reaching a key now spins there for the rest of the window.
+3. Protocol R only (changes with ``span``): the tool looks at threads one at a time until each has been seen
+   with no RIP (or syscall-restart RIP - 2) and no stack word strictly inside ``(key, key + span)``; no two
+   are stopped by us at once. Then it writes the go flag (or abort, after ROLLING_TIMEOUT_S).
+4. The program writes the other bytes, syncs, writes each key's new first word, syncs, and returns its
+   thread to what it was doing. The tool unmaps the two pages once that thread has left them.
+
+Catchable signals are blocked in the tool while the window is open.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import struct
+import time
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+
+from .errors import HotpatchError, SiteError, TargetError
+from .process import remote
+from .process.live import LiveWorld
+from .process.maps import Mapping, read_maps
+from .process.memory import Memory
+from .process.ptrace import Regs
+from .process.remote import Injector
+from .process.threads import Thread, thread_state
+from .transaction import STACK_SCAN_LIMIT, CommitReport, SiteChange, check_bytes, signals_blocked
+from .x86 import selfloop, stub
+
+ROLLING_TIMEOUT_S = 2.0  # how long protocol R waits for every thread to leave the overwritten bytes
+PROGRAM_WAIT_S = 3  # how long the program waits for the tool's go before it undoes the self-loops itself
+PROGRAM_TIMEOUT_S = 10.0  # how long the tool waits for the program to end
+WATCH_S = 0.05  # how long a busy thread is looked at again when checking whether memory is still in use
+POLL_S = 0.0002
+
+
+class RollingTimeout(TargetError):
+    """Protocol R saw a thread stay inside the bytes to overwrite for ROLLING_TIMEOUT_S (nothing changed)."""
+
+
+def wait_settled(mem: Memory, keys: Sequence[int]) -> None:
+    """Wait until no address of ``keys`` holds a self-loop: a commit program left running by a tool that
+    was killed ends (or undoes itself) within PROGRAM_WAIT_S. Raises TargetError if one is still there after
+    twice that."""
+    deadline = time.monotonic() + 2 * PROGRAM_WAIT_S
+    while True:
+        busy = [k for k in keys if mem.try_read(k, 2) == selfloop.SELF_LOOP]
+        if not busy:
+            return
+        if time.monotonic() > deadline:
+            raise TargetError(f"a commit is still running in the target (self-loop at {busy[0]:#x})")
+        time.sleep(0.001)
+
+
+def _prot(maps: list[Mapping], page: int) -> int:
+    for m in maps:
+        if m.start <= page < m.end:
+            return sum(bit for ch, bit in zip(m.perms[:3], (1, 2, 4), strict=True) if ch != "-")
+    raise TargetError(f"no mapping holds the code at {page:#x}")
+
+
+class LiveCommit:
+    """One commit of ``changes`` with the world running; see the module docstring.
+
+    ``watch``: regions (addr, bytes) to check, after the commit, for threads still using them (RIP or a stack
+    word inside), one thread at a time — for deciding whether memory may be freed.
+    """
+
+    def __init__(self, pid: int, mem: Memory, stub_area: int, changes: Sequence[SiteChange]) -> None:
+        self.pid, self.mem, self.stub = pid, mem, stub_area
+        self.changes = list(changes)
+        self.edits = [selfloop.Edit(c.address, c.expected, c.new, c.key) for c in self.changes]
+        for c in self.changes:
+            if not selfloop.key_fits(c.key):
+                raise SiteError(f"{c.label}: the key at {c.key:#x} ends a cache line; no atomic 2-byte store")
+
+    def run(self, watch: Sequence[tuple[int, int]] = ()) -> CommitReport:
+        """Apply every change. Raises MismatchError when a site's bytes differ from the expected ones
+        (nothing written), RollingTimeout when protocol R cannot see every thread leave the overwritten bytes
+        in time, TargetError when the target cannot be traced or the program fails (the old bytes are back
+        in every case)."""
+        report = CommitReport()
+        world = LiveWorld(self.pid)
+        maps = read_maps(self.pid)
+        started = time.perf_counter()
+        with signals_blocked():
+            try:
+                world.seize()
+                world.boost()
+                report.threads = len(world.threads)
+                check_bytes(self.mem, self.changes)
+                self._commit(world, maps)
+                if watch:
+                    report.busy = _watch_pass(world, self.mem, maps, watch)
+            finally:
+                world.detach_all()
+        report.pause_us = world.longest_one_us
+        report.window_us = (time.perf_counter() - started) * 1e6
+        return report
+
+    def _commit(self, world: LiveWorld, maps: list[Mapping]) -> None:
+        if not self.changes:  # a revert that only frees retired memory
+            return
+        ranges = [(c.key, c.key + c.span) for c in self.changes if c.span]
+        th = self._runner(world, maps, ranges)
+        inject = Injector(world, self.mem, self.stub, th)
+        try:
+            area = inject.mmap(
+                0, 2 * selfloop.PAGE, remote.PROT_READ | remote.PROT_WRITE, remote.MAP_PRIVATE | remote.MAP_ANONYMOUS
+            )
+            data = area + selfloop.PAGE
+            resume = inject.saved.copy()
+            resume.rip, resume.rax = inject.arch.resume_point(inject.saved)
+            resume.orig_rax = 2**64 - 1
+            prot = {page: _prot(maps, page) for page in selfloop.pages_of(self.edits)}
+            wait = PROGRAM_WAIT_S if ranges else None
+            self.mem.write(area, selfloop.build(data, self.edits, prot, resume, wait))
+            self.mem.write(data, selfloop.data_page())
+            inject(remote.SYS_MPROTECT, area, selfloop.PAGE, remote.PROT_READ | remote.PROT_EXEC)
+        finally:
+            inject.close()
+        self._launch(world, th, resume, area)
+        try:
+            outcome = self._follow(world, maps, data, ranges)
+        finally:
+            self._unmap(world, th.tid, area)
+        if outcome == selfloop.FAILED:
+            err = struct.unpack("<q", self.mem.read(data + selfloop.D_ERR, 8))[0]
+            raise TargetError(f"the commit in PID {self.pid} could not start: {os.strerror(-err)}")
+
+    @staticmethod
+    def _launch(world: LiveWorld, th: Thread, resume: Regs, area: int) -> None:
+        """Point the stopped thread ``th`` at the program at ``area`` and let it run (from here on, the
+        program ends without the tool). Its stack is below the interrupted code's red zone."""
+        regs = resume.copy()
+        regs.rip = area
+        regs.rsp = (resume.rsp - 2 * stub.RED_ZONE) & ~15
+        world.set_regs(th.tid, regs)
+        world.resume_one(th.tid)
+
+    def _runner(self, world: LiveWorld, maps: list[Mapping], ranges: list[tuple[int, int]]) -> Thread:
+        """A stopped thread to run the program: asleep first, the main thread among equals, with no RIP and
+        no stack word inside ``ranges`` (it is not looked at again)."""
+        tids = sorted(world.threads, key=lambda t: (thread_state(world.pid, t) != "S", t != world.pid))
+        for tid in tids:
+            if world.threads[tid].group_stop:
+                continue
+            th = world.stop_one(tid)
+            if th is None:
+                continue
+            assert th.regs is not None
+            if th.regs.cs == 0x33 and not any(_hits(_thread_words(self.mem, maps, th), lo, hi) for lo, hi in ranges):
+                return th
+            world.resume_one(tid)
+        raise TargetError(f"PID {world.pid} has no thread able to make the change (stopped by job control?)")
+
+    def _state(self, data: int) -> int:
+        return int(self.mem.read(data + selfloop.D_STATE, 1)[0])
+
+    def _wait_state(self, world: LiveWorld, data: int, until: set[int]) -> int:
+        deadline = time.monotonic() + PROGRAM_TIMEOUT_S
+        while True:
+            world.pump()
+            state = self._state(data)
+            if state in until:
+                return state
+            if time.monotonic() > deadline:
+                raise TargetError(f"the commit in PID {world.pid} did not end in time (a thread stopped?)")
+            time.sleep(POLL_S)
+
+    def _follow(self, world: LiveWorld, maps: list[Mapping], data: int, ranges: list[tuple[int, int]]) -> int:
+        """Drive the program to its end; returns its final D_STATE. Raises RollingTimeout (after the
+        program undid the self-loops)."""
+        ends = {selfloop.DONE, selfloop.ABORTED, selfloop.FAILED}
+        if not ranges:
+            return self._wait_state(world, data, ends)
+        state = self._wait_state(world, data, ends | {selfloop.ARMED})
+        if state != selfloop.ARMED:
+            return state
+        try:
+            _rolling(world, self.mem, maps, ranges)
+        except BaseException:
+            self.mem.write(data + selfloop.D_GO, bytes([selfloop.GO_ABORT]))
+            with suppress(HotpatchError):
+                self._wait_state(world, data, ends)
+            raise
+        self.mem.write(data + selfloop.D_GO, bytes([selfloop.GO_COMMIT]))
+        state = self._wait_state(world, data, ends)
+        if state == selfloop.ABORTED:
+            raise TargetError(f"the commit in PID {world.pid} gave up waiting for the tool; nothing changed")
+        return state
+
+    def _unmap(self, world: LiveWorld, tid: int, area: int) -> None:
+        """Unmap the program's pages once its thread has left them (best effort)."""
+        for _ in range(200):
+            th = world.stop_one(tid) if tid in world.threads else None
+            if th is None:
+                return
+            assert th.regs is not None
+            if not area <= th.regs.rip < area + selfloop.PAGE:
+                with suppress(HotpatchError):
+                    inject = Injector(world, self.mem, self.stub, th)
+                    try:
+                        inject(remote.SYS_MUNMAP, area, 2 * selfloop.PAGE)
+                    finally:
+                        inject.close()
+                world.resume_one(tid)
+                return
+            world.resume_one(tid)
+            time.sleep(POLL_S)
+
+
+def _stack_words(mem: Memory, maps: list[Mapping], regs: Regs, restarting: bool = False) -> list[int]:
+    """The sorted RIP and stack words (RSP up to the end of its mapping, at most STACK_SCAN_LIMIT bytes) of a
+    stopped thread with registers ``regs``, with RIP - 2 when a syscall restart will rewind it (research
+    §4.3)."""
+    rsp = regs.rsp
+    i = bisect.bisect_right([m.start for m in maps], rsp) - 1
+    data = b""
+    if i >= 0 and maps[i].start <= rsp < maps[i].end:
+        start = rsp & ~7
+        data = mem.try_read(start, min(maps[i].end, start + STACK_SCAN_LIMIT) - start) or b""
+    words = [*memoryview(data[: len(data) & ~7]).cast("Q").tolist(), regs.rip]
+    if restarting:
+        words.append(regs.rip - 2)
+    return sorted(words)
+
+
+def _thread_words(mem: Memory, maps: list[Mapping], th: Thread) -> list[int]:
+    assert th.regs is not None
+    return _stack_words(mem, maps, th.regs, th.restarting)
+
+
+def _hits(words: list[int], lo: int, hi: int) -> bool:
+    """True when a value of the sorted ``words`` lies in ``(lo, hi)`` (``lo`` excluded)."""
+    i = bisect.bisect_right(words, lo)
+    return i < len(words) and words[i] < hi
+
+
+def _rolling(world: LiveWorld, mem: Memory, maps: list[Mapping], ranges: list[tuple[int, int]]) -> None:
+    """Protocol R's check: every thread seen once with nothing in any ``(key, key + span)`` of ``ranges``.
+
+    Threads created after the self-loops were synced cannot be inside (they could only enter through a key).
+    Raises RollingTimeout when some thread stays inside for ROLLING_TIMEOUT_S.
+    """
+    pending = {t for t in world.threads if not world.threads[t].group_stop}
+
+    def clear(words: list[int]) -> bool:
+        return not any(_hits(words, lo, hi) for lo, hi in ranges)
+
+    _rolling_rounds(world, mem, maps, pending, clear, time.monotonic() + ROLLING_TIMEOUT_S)
+
+
+def _rolling_rounds(
+    world: LiveWorld,
+    mem: Memory,
+    maps: list[Mapping],
+    pending: set[int],
+    clear: Callable[[list[int]], bool],
+    deadline: float,
+) -> None:
+    """Look at the ``pending`` threads one at a time until each was seen ``clear``; raises RollingTimeout."""
+    while pending:
+        for tid in sorted(pending):
+            th = world.stop_one(tid)
+            if th is None:
+                pending.discard(tid)
+                continue
+            words = _thread_words(mem, maps, th)
+            world.resume_one(tid)
+            if clear(words):
+                pending.discard(tid)
+        if pending:
+            if time.monotonic() > deadline:
+                raise RollingTimeout(
+                    f"thread {min(pending)} of PID {world.pid} stayed inside the bytes to overwrite for "
+                    f"{ROLLING_TIMEOUT_S:g} s; nothing was changed"
+                )
+            time.sleep(0.001)
+
+
+def _watch_pass(
+    world: LiveWorld, mem: Memory, maps: list[Mapping], watch: Sequence[tuple[int, int]]
+) -> set[tuple[int, int]]:
+    """The regions of ``watch`` some thread still uses (RIP or stack word inside); a busy thread is looked at
+    again every 0.5 ms for up to WATCH_S (a preempted thread may stand on a jump a while). The new code is in
+    place and synced, so a thread seen clear can never enter them again."""
+    busy_by: dict[int, set[tuple[int, int]]] = {}
+
+    def look(th: Thread) -> None:
+        words = _thread_words(mem, maps, th)
+        hit = {(a, n) for a, n in watch if _hits(words, a - 1, a + n)}
+        if hit:
+            busy_by[th.tid] = hit
+        else:
+            busy_by.pop(th.tid, None)
+
+    pending = list(world.threads)
+    deadline = time.monotonic() + WATCH_S
+    while True:
+        world.visit(pending, look)
+        pending = [t for t in busy_by if t in world.threads]
+        if not pending or time.monotonic() > deadline:
+            break
+        time.sleep(0.0005)
+    return set().union(*(busy_by[t] for t in pending)) if pending else set()

@@ -1,0 +1,244 @@
+"""The in-target commit program: code changes made by a thread of the target itself, with the self-loop.
+
+Protocols A and R (DESIGN.md §4) change code while every other thread runs. Done from outside with ``int3``,
+a ``CC`` still armed when the tool is SIGKILLed becomes a real SIGTRAP that kills the target (DESIGN.md §5,
+"int3 and tracer death"). So the stores are made from inside: one thread of the target is pointed at this
+program, which needs no tracer to finish; if the tool dies at any point after that, it still ends and puts the
+thread back where it was. It is the handler-free "self-loop" variant of the research (§0 C.3, after HotSpot):
+
+1. block every signal (``rt_sigprocmask``); make sure ``membarrier(PRIVATE_EXPEDITED_SYNC_CORE)`` works
+   (registering once per process on ``EPERM``, research §1.6); ``mprotect`` the pages of the changes
+   read+write+execute;
+2. store ``EB FE`` (``jmp $``) over the first two bytes of every *key* (the instruction threads enter a
+   change through) with bytes behind its first word to change (:func:`needs_loop`), each with one 2-byte
+   store inside one cache line (data-atomic: Intel SDM Vol. 3A §9.1.1); sync. A thread that reaches such a
+   key now spins there; none can enter the bytes behind it;
+3. protocol R only: publish ``ARMED`` and wait for the tool's go (``COMMIT`` or ``ABORT``), at most
+   ``wait_s`` seconds (then ``ABORT``: a dead tool never leaves the self-loops behind);
+4. COMMIT: store every other new byte (the tail of the key, the padding's ``E9 rel32``), sync, store each
+   key's new first word, sync. ABORT: store each self-loop's old first word, sync (nothing else was written);
+5. put the page protections back, the signal mask back, publish the outcome, and reload every register of
+   the interrupted thread and jump back to it (:func:`hotpatch.x86.stub.build`'s restore code).
+
+The data page (``DATA_SIZE`` bytes used) is laid out at the ``D_*`` offsets; the tool polls ``D_STATE`` and
+writes ``D_GO`` through ``/proc/PID/mem``. Syscall numbers: ``arch/x86/entry/syscalls/syscall_64.tbl``;
+encodings: Intel SDM Vol. 2.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from . import stub
+
+PAGE = 4096
+SELF_LOOP = b"\xeb\xfe"  # jmp $ (rel8 -2)
+CACHE_LINE = 64
+
+SYS_MPROTECT, SYS_RT_SIGPROCMASK, SYS_NANOSLEEP, SYS_CLOCK_GETTIME, SYS_MEMBARRIER = 10, 14, 35, 228, 324
+SIG_SETMASK = 2
+CLOCK_MONOTONIC = 1
+MEMBARRIER_SYNC_CORE = 1 << 5  # include/uapi/linux/membarrier.h
+MEMBARRIER_REGISTER_SYNC_CORE = 1 << 6
+EPERM = 1
+PROT_RWX = 7
+NAP_NS = 50_000  # the wait loop's sleep between two looks at D_GO
+
+# data page
+D_STATE, D_GO, D_ERR, D_ALL, D_OLDMASK, D_NAP, D_START, D_NOW = 0, 4, 8, 16, 24, 32, 48, 64
+DATA_SIZE = 80
+RUNNING, ARMED, DONE, ABORTED, FAILED = 0, 1, 2, 3, 4  # D_STATE values
+GO_COMMIT, GO_ABORT = 1, 2  # D_GO values
+
+_REG = {"rax": 0, "rcx": 1, "rdx": 2, "rbx": 3, "rsp": 4, "rbp": 5, "rsi": 6, "rdi": 7}
+_REG.update({f"r{i}": i for i in range(8, 16)})
+
+
+class Edit(NamedTuple):
+    """One change: ``old`` bytes at ``address`` become ``new``; ``key`` (>= address, with at least two bytes
+    of the change from it) is where threads enter."""
+
+    address: int
+    old: bytes
+    new: bytes
+    key: int
+
+
+def key_fits(key: int) -> bool:
+    """True when a 2-byte store at ``key`` stays in one cache line (so it is one atomic data store)."""
+    return key % CACHE_LINE != CACHE_LINE - 1
+
+
+def needs_loop(e: Edit) -> bool:
+    """True when bytes after the key's first word change: the key then spins on ``EB FE`` while they are
+    written. A change of the first word alone (a short jump; the padding before it is never executed) is one
+    store, so no self-loop: a thread standing between two 1-byte NOPs at ``key + 1`` must meet the short
+    jump's harmless displacement (``F9`` stc, ``F5`` cmc, DESIGN.md §4), never ``FE``."""
+    k = e.key - e.address
+    return e.old[k + 2 :] != e.new[k + 2 :]
+
+
+def pages_of(edits: Sequence[Edit]) -> list[int]:
+    """The sorted page addresses the ``edits`` touch."""
+    out: set[int] = set()
+    for e in edits:
+        out.update(range(e.address & ~(PAGE - 1), e.address + len(e.new), PAGE))
+    return sorted(out)
+
+
+class _Asm:
+    """A few x86-64 instructions with forward labels (rel32 jumps)."""
+
+    def __init__(self) -> None:
+        self.code = bytearray()
+        self.labels: dict[str, int] = {}
+        self.fixups: list[tuple[int, str]] = []
+
+    def emit(self, data: bytes) -> None:
+        self.code += data
+
+    def mov(self, reg: str, value: int) -> None:  # MOV r64, imm64: REX.W(+B) B8+r io
+        n = _REG[reg]
+        self.emit(bytes([0x49 if n >= 8 else 0x48, 0xB8 + (n & 7)]) + struct.pack("<Q", value & (2**64 - 1)))
+
+    def syscall(self, nr: int, *args: int) -> None:
+        for reg, value in zip(("rdi", "rsi", "rdx", "r10"), args, strict=False):
+            self.mov(reg, value)
+        self.mov("rax", nr)
+        self.emit(b"\x0f\x05")
+
+    def store16(self, addr: int, value: bytes) -> None:
+        self.mov("rax", addr)
+        self.emit(b"\x66\xc7\x00" + value)  # mov word [rax], imm16
+
+    def store8(self, addr: int, value: int) -> None:
+        self.mov("rax", addr)
+        self.emit(bytes([0xC6, 0x00, value]))  # mov byte [rax], imm8
+
+    def jump(self, opcode: bytes, label: str) -> None:
+        self.emit(opcode)
+        self.fixups.append((len(self.code), label))
+        self.emit(b"\0\0\0\0")
+
+    def label(self, name: str) -> None:
+        self.labels[name] = len(self.code)
+
+    def done(self) -> bytes:
+        for at, name in self.fixups:
+            self.code[at : at + 4] = struct.pack("<i", self.labels[name] - (at + 4))
+        return bytes(self.code)
+
+
+JMP, JE, JNE, JS, JGE = b"\xe9", b"\x0f\x84", b"\x0f\x85", b"\x0f\x88", b"\x0f\x8d"
+
+
+def _sync(a: _Asm) -> None:
+    a.syscall(SYS_MEMBARRIER, MEMBARRIER_SYNC_CORE, 0, 0)
+
+
+def build(
+    data: int,
+    edits: Sequence[Edit],
+    prot: dict[int, int],
+    resume: stub.Registers,
+    wait_s: int | None,
+) -> bytes:
+    """The program (position-independent, < PAGE bytes for up to ~40 edits) for a data page at ``data``.
+
+    ``prot``: the protection (``PROT_*`` bits) to put back on each page of :func:`pages_of`; ``resume``: the
+    registers the thread goes back to (syscall restart already applied, ``orig_rax`` = -1); ``wait_s``: None
+    for protocol A, else protocol R's longest wait for the tool's go in seconds. Raises ValueError for a key
+    whose 2-byte store would cross a cache line or with fewer than two bytes of its change after it.
+    """
+    for e in edits:
+        k = e.key - e.address
+        if not key_fits(e.key) or not 0 <= k <= len(e.new) - 2:
+            raise ValueError(f"no atomic 2-byte store possible at {e.key:#x}")
+    a = _Asm()
+    a.mov("r12", 0)
+    a.syscall(SYS_RT_SIGPROCMASK, SIG_SETMASK, data + D_ALL, data + D_OLDMASK, 8)
+    _sync(a)
+    a.emit(b"\x48\x83\xf8" + bytes([(-EPERM) & 0xFF]))  # cmp rax, -EPERM
+    a.jump(JNE, "synced")
+    a.syscall(SYS_MEMBARRIER, MEMBARRIER_REGISTER_SYNC_CORE, 0, 0)
+    _sync(a)
+    a.label("synced")
+    a.emit(b"\x48\x85\xc0")  # test rax, rax
+    a.jump(JS, "failed_early")
+    for page in prot:
+        a.syscall(SYS_MPROTECT, page, PAGE, PROT_RWX)
+        a.emit(b"\x48\x85\xc0")
+        a.jump(JS, "failed")
+    looped = [e for e in edits if needs_loop(e)]
+    for e in looped:
+        a.store16(e.key, SELF_LOOP)
+    _sync(a)
+    if wait_s is not None:
+        a.mov("rax", data + D_STATE)
+        a.emit(b"\xc7\x00" + struct.pack("<I", ARMED))  # mov dword [rax], ARMED
+        a.syscall(SYS_CLOCK_GETTIME, CLOCK_MONOTONIC, data + D_START)
+        a.label("wait")
+        a.mov("rax", data + D_GO)
+        a.emit(b"\x8b\x00")  # mov eax, [rax]
+        a.emit(bytes([0x83, 0xF8, GO_COMMIT]))  # cmp eax, imm8
+        a.jump(JE, "commit")
+        a.emit(bytes([0x83, 0xF8, GO_ABORT]))
+        a.jump(JE, "abort")
+        a.syscall(SYS_NANOSLEEP, data + D_NAP, 0)
+        a.syscall(SYS_CLOCK_GETTIME, CLOCK_MONOTONIC, data + D_NOW)
+        a.mov("rax", data + D_NOW)
+        a.emit(b"\x48\x8b\x00")  # mov rax, [rax]
+        a.mov("rbx", data + D_START)
+        a.emit(b"\x48\x2b\x03")  # sub rax, [rbx]
+        a.emit(b"\x48\x3d" + struct.pack("<i", wait_s))  # cmp rax, imm32
+        a.jump(JGE, "abort")
+        a.jump(JMP, "wait")
+    a.label("commit")
+    for e in edits:
+        k = e.key - e.address
+        for i, (old, new) in enumerate(zip(e.old, e.new, strict=True)):
+            if old != new and not k <= i < k + 2:
+                a.store8(e.address + i, new)
+    _sync(a)
+    for e in edits:
+        k = e.key - e.address
+        a.store16(e.key, e.new[k : k + 2])
+    _sync(a)
+    a.mov("rbx", DONE)
+    a.jump(JMP, "unprotect")
+    a.label("abort")
+    for e in looped:
+        k = e.key - e.address
+        a.store16(e.key, e.old[k : k + 2])
+    _sync(a)
+    a.mov("rbx", ABORTED)
+    a.jump(JMP, "unprotect")
+    a.label("failed")
+    a.emit(b"\x49\x89\xc4")  # mov r12, rax
+    a.mov("rbx", FAILED)
+    a.label("unprotect")
+    for page, p in prot.items():
+        a.syscall(SYS_MPROTECT, page, PAGE, p)
+    a.jump(JMP, "out")
+    a.label("failed_early")
+    a.emit(b"\x49\x89\xc4")
+    a.mov("rbx", FAILED)
+    a.label("out")
+    a.syscall(SYS_RT_SIGPROCMASK, SIG_SETMASK, data + D_OLDMASK, 0, 8)
+    a.mov("rax", data + D_ERR)
+    a.emit(b"\x4c\x89\x20")  # mov [rax], r12
+    a.mov("rax", data + D_STATE)
+    a.emit(b"\x89\x18")  # mov [rax], ebx: the outcome, published last
+    a.mov("rsp", resume.rsp)
+    a.emit(stub.build(resume)[len(stub.SYSCALL) :])
+    return a.done()
+
+
+def data_page() -> bytes:
+    """The initial contents of the data page (``DATA_SIZE`` bytes)."""
+    out = bytearray(DATA_SIZE)
+    struct.pack_into("<Q", out, D_ALL, 2**64 - 1)
+    struct.pack_into("<qq", out, D_NAP, 0, NAP_NS)
+    return bytes(out)
