@@ -18,7 +18,8 @@ like apply. The tables give, per thread count, the median over rounds of the lar
 worst round in brackets) and hotpatch's own ``pause_us``; then gdb batch mode writing the same 5-byte jump,
 measured the same way.
 
-Usage: ``python benchmarks/bench_pause.py [--rounds N] [--gdb-rounds N]``.
+Usage: ``python benchmarks/bench_pause.py [--rounds N] [--gdb-rounds N] [--protocol P] [--ready] [--threads 1,16]``
+(``--ready`` builds the target with ``hotpatch cflags``, so its site gets protocol A).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from _common import (
     command_line,
     compile_c,
     hotpatch_build,
+    hotpatch_cmd,
     machine,
     markdown_table,
     median,
@@ -220,7 +222,7 @@ def gdb_write_cmd(pid: int, addr: int, data: bytes) -> list[str]:
 
 
 def measure(threads: int, rounds: int, gdb_rounds: int, tmp: Path, exe: Path, patch: Path,
-            procs: Procs) -> dict[str, list[float]]:
+            procs: Procs, protocol: str = "auto") -> dict[str, list[float]]:
     """Run the rounds against a fresh target with ``threads`` threads; return the series by name
     (``X`` raw gaps, ``X_blk`` not-runnable gaps, µs)."""
     import hotpatch
@@ -247,7 +249,7 @@ def measure(threads: int, rounds: int, gdb_rounds: int, tmp: Path, exe: Path, pa
             for _ in range(rounds):
                 gaps.reset()
                 t0 = time.perf_counter()
-                rep = target.apply(str(patch))
+                rep = target.apply(str(patch), protocol)
                 window = time.perf_counter() - t0
                 record("apply")
                 out.setdefault("apply_pause", []).append(rep.pause_us)
@@ -257,7 +259,7 @@ def measure(threads: int, rounds: int, gdb_rounds: int, tmp: Path, exe: Path, pa
                 record("base")
 
                 gaps.reset()
-                reps = target.revert("bench")
+                reps = target.revert("bench", protocol)
                 record("revert")
                 out.setdefault("revert_pause", []).append(reps[0].pause_us)
         if shutil.which("gdb") and gdb_rounds:
@@ -290,17 +292,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15, help="apply/revert rounds per thread count (default 15)")
     ap.add_argument("--gdb-rounds", type=int, default=4, help="gdb writes per thread count (default 4; 0: none)")
+    ap.add_argument("--protocol", default="auto", help="hotpatch's --protocol (default auto)")
+    ap.add_argument("--ready", action="store_true",
+                    help="build the target with `hotpatch cflags` (protocol A sites) instead of plain -O2")
+    ap.add_argument("--threads", default="1,16", help=f"thread counts, comma-separated, <= {MAX_THREADS}")
     args = ap.parse_args()
+    counts = [int(n) for n in args.threads.split(",")]
+    if any(not 1 <= n <= MAX_THREADS for n in counts):
+        sys.exit(f"--threads: each count must be 1..{MAX_THREADS}")
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-pause-") as tmpdir, Procs() as procs:
         tmp = Path(tmpdir)
+        ready = run_checked([*hotpatch_cmd(), "cflags"]).stdout.split() if args.ready else []
         exe = compile_c(TARGET, tmp / "target", f"-DMAXT={MAX_THREADS}", f"-DSPIN_NS={SPIN_US * 1000}LL",
-                        f"-DSLEEP_NS={SLEEP_US * 1000}LL", f"-DSHM_BYTES={SHM_BYTES}")
+                        f"-DSLEEP_NS={SLEEP_US * 1000}LL", f"-DSHM_BYTES={SHM_BYTES}", *ready)
         patch = hotpatch_build(PATCH, exe, tmp / "patch.hp", "bench")
-        for n in (1, 16):
-            results[n] = measure(n, args.rounds, args.gdb_rounds, tmp, exe, patch, procs)
+        for n in counts:
+            results[n] = measure(n, args.rounds, args.gdb_rounds, tmp, exe, patch, procs, args.protocol)
 
-    print(f"`{command_line()}`  \n{machine()}; {args.rounds} rounds per thread count; threads spin "
+    print(f"`{command_line()}`  \n{machine()}; protocol {args.protocol}; {args.rounds} rounds per thread count; "
+          f"threads spin "
           f"{SPIN_US} µs then sleep {SLEEP_US} µs; µs, median over rounds of the largest gap of any thread "
           "[worst round]\n")
     rows: list[list[object]] = []

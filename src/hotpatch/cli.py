@@ -116,7 +116,7 @@ _PROTOCOL_OPTION = click.option(
     type=click.Choice(["auto", "no-stop", "rolling", "stop-the-world"]),
     default="auto",
     show_default=True,
-    help="How sites are written (DESIGN.md §4): no-stop (A, int3), rolling (R, one thread at a time), "
+    help="How sites are written (DESIGN.md §4): no-stop (A, no thread stopped), rolling (R, one thread at a time), "
     "stop-the-world (B); auto picks the best each site allows.",
 )
 

@@ -43,8 +43,8 @@ ORDINARY: Final = "ordinary"
 CLASSES: Final = (MS_X86, MS_HOOK_PROLOGUE, PATCHABLE_ENTRY, OPPORTUNISTIC, ORDINARY)
 READY_CLASSES: Final = frozenset({MS_X86, MS_HOOK_PROLOGUE, PATCHABLE_ENTRY, OPPORTUNISTIC})
 
-PROTOCOL_A: Final = "A"  # int3, no stop
-PROTOCOL_R: Final = "R"  # int3 + rolling per-thread check
+PROTOCOL_A: Final = "A"  # no stop (livecommit.py)
+PROTOCOL_R: Final = "R"  # self-loop + rolling per-thread check
 PROTOCOL_B: Final = "B"  # stop the world
 
 MOV_EDI_EDI: Final = b"\x8b\xff"
