@@ -271,9 +271,9 @@ def kill_points(
     return points
 
 
-def start_compute_target(tmp_path: Path, procs: Procs, *cflags: str) -> tuple[Target, Path]:
-    """kill_target (built with ``cflags``) running with its four checking threads, and the patch file for it."""
-    exe = compile_program(TARGETS / "kill_target.c", tmp_path / "kill_target", *cflags)
+def start_compute_target(tmp_path: Path, procs: Procs) -> tuple[Target, Path]:
+    """kill_target running with its four checking threads, and the patch file for it."""
+    exe = compile_program(TARGETS / "kill_target.c", tmp_path / "kill_target")
     src = tmp_path / "kill_patch.c"
     src.write_text(PATCH_SOURCE)
     patch = tmp_path / "kill_patch.hp"
@@ -431,23 +431,20 @@ def test_sigkill_after_site_write_with_thread_inside(tmp_path: Path, procs: Proc
     wait_running(t)
 
 
-@pytest.mark.parametrize("ready", [False, True], ids=["rolling", "no-stop"])
-def test_sigkill_while_the_commit_program_runs(tmp_path: Path, procs: Procs, ready: bool) -> None:
+def test_sigkill_while_the_commit_program_runs(tmp_path: Path, procs: Procs) -> None:
     """The tool dies right after pointing a thread of the target at the commit program (DESIGN.md §5): the
-    program needs no tracer. Protocol A's finishes the patch; protocol R's, armed with ``EB FE`` at the
-    site, waits for a go that never comes and puts the site back by itself. Threads reaching the site spin
-    meanwhile, none is stopped, and ``status`` waits for the program's end instead of seeing a partial patch."""
-    t, patch = start_compute_target(tmp_path, procs, *(["-fpatchable-function-entry=16,14"] if ready else []))
+    program needs no tracer. Protocol R's program, armed with ``EB FE`` at the site, waits for a go that never
+    comes and puts the site back by itself. Threads reaching the site spin meanwhile, none is stopped, and
+    ``status`` waits for the program's end instead of seeing a partial patch."""
+    t, patch = start_compute_target(tmp_path, procs)
     run_and_die_after(procs, tmp_path, "hotpatch.livecommit.LiveCommit:_launch", "apply", "--pid", t.pid, patch)
-    if not ready:
-        deadline = time.monotonic() + 2
-        while read_code(t)[:2] != b"\xeb\xfe":
-            assert time.monotonic() < deadline, f"the program never armed: {read_code(t).hex()}"
-            time.sleep(0.001)
-        assert check_consistent(t) == "absent"  # waits for the program to give up
-        cli_ok("apply", "--pid", t.pid, patch)
-    assert status_state(t) == "applied"
-    wait_running(t)
+    deadline = time.monotonic() + 2
+    while read_code(t)[:2] != b"\xeb\xfe":
+        assert time.monotonic() < deadline, f"the program never armed: {read_code(t).hex()}"
+        time.sleep(0.001)
+    assert check_consistent(t) == "absent"  # waits for the program to give up
+    cli_ok("apply", "--pid", t.pid, patch)
+    assert check_consistent(t) == "applied"
     cli_ok("revert", "--pid", t.pid, "--all")
     assert check_consistent(t) == "absent"
     finish(t)

@@ -37,6 +37,7 @@ from .process.memory import Memory
 from .process.remote import Injector, SyscallError
 from .state import PatchRecord, Record, SiteRecord
 from .transaction import CommitReport, SiteChange, Transaction
+from .x86.selfloop import SELF_LOOP
 from .x86.sites import PAD_LEN
 from .x86.trampoline import MAX_TRAMPOLINE
 
@@ -175,7 +176,12 @@ class Target:
         """The state mapping's address and record, once no commit program of a killed tool still runs."""
         addr = statemod.find_region(maps)
         record = statemod.read(self.mem, addr)
-        keys = [s.key_at for p in record.patches for s in p.sites] + [r[0] for r in record.retired if len(r) > 2]
+        keys = [r[0] for r in record.retired if len(r) > 2 and not r[2].startswith(SELF_LOOP.hex())]
+        for p in record.patches:
+            for s in p.sites:
+                off = s.key_at - s.site
+                if SELF_LOOP not in (bytes.fromhex(s.original)[off : off + 2], bytes.fromhex(s.new)[off : off + 2]):
+                    keys.append(s.key_at)  # (a function that is itself `jmp $` is not a running commit)
         wait_settled(self.mem, keys)
         return addr, record
 

@@ -139,8 +139,7 @@ class LiveCommit:
             err = struct.unpack("<q", self.mem.read(data + selfloop.D_ERR, 8))[0]
             raise TargetError(f"the commit in PID {self.pid} could not start: {os.strerror(-err)}")
 
-    @staticmethod
-    def _launch(world: LiveWorld, th: Thread, resume: Regs, area: int) -> None:
+    def _launch(self, world: LiveWorld, th: Thread, resume: Regs, area: int) -> None:
         """Point the stopped thread ``th`` at the program at ``area`` and let it run (from here on, the
         program ends without the tool). Its stack is below the interrupted code's red zone."""
         regs = resume.copy()
