@@ -133,10 +133,10 @@ class LiveCommit:
         self._launch(world, th, resume, area)
         try:
             outcome = self._follow(world, maps, data, ranges)
+            err = struct.unpack("<q", self.mem.read(data + selfloop.D_ERR, 8))[0]  # read before the unmap
         finally:
             self._unmap(world, th.tid, area)
         if outcome == selfloop.FAILED:
-            err = struct.unpack("<q", self.mem.read(data + selfloop.D_ERR, 8))[0]
             raise TargetError(f"the commit in PID {self.pid} could not start: {os.strerror(-err)}")
 
     def _launch(self, world: LiveWorld, th: Thread, resume: Regs, area: int) -> None:
