@@ -138,6 +138,16 @@ def _sync(a: _Asm) -> None:
     a.syscall(SYS_MEMBARRIER, MEMBARRIER_SYNC_CORE, 0, 0)
 
 
+def _first_words(a: _Asm, edits: Sequence[Edit], new: bool, outcome: int) -> None:
+    """Store each key's new (or old) first word, sync, and go to the end with ``outcome`` in rbx."""
+    for e in edits:
+        k = e.key - e.address
+        a.store16(e.key, (e.new if new else e.old)[k : k + 2])
+    _sync(a)
+    a.mov("rbx", outcome)
+    a.jump(JMP, "unprotect")
+
+
 def build(
     data: int,
     edits: Sequence[Edit],
@@ -202,19 +212,9 @@ def build(
             if old != new and not k <= i < k + 2:
                 a.store8(e.address + i, new)
     _sync(a)
-    for e in edits:
-        k = e.key - e.address
-        a.store16(e.key, e.new[k : k + 2])
-    _sync(a)
-    a.mov("rbx", DONE)
-    a.jump(JMP, "unprotect")
+    _first_words(a, edits, new=True, outcome=DONE)
     a.label("abort")
-    for e in looped:
-        k = e.key - e.address
-        a.store16(e.key, e.old[k : k + 2])
-    _sync(a)
-    a.mov("rbx", ABORTED)
-    a.jump(JMP, "unprotect")
+    _first_words(a, looped, new=False, outcome=ABORTED)
     a.label("failed")
     a.emit(b"\x49\x89\xc4")  # mov r12, rax
     a.mov("rbx", FAILED)
