@@ -494,7 +494,7 @@ def _site_record(s: PlacedSite) -> SiteRecord:
 
 def _redirect(s: PlacedSite, old: SiteRecord | None) -> list[SiteChange]:
     """The changes that redirect one site. Over an older version's jumps only the long jump's target
-    changes (one instruction, the key is the jump itself; a trapping thread goes to the new replacement);
+    changes (one instruction, the key is the jump itself);
     over the original instructions of an ordinary site, threads inside move to the trampoline (B) or are
     waited for (R); a short-jump site replaces one instruction, so no thread can be inside — but the padding
     of an earlier, reverted version may still hold its ``E9`` with a thread on it: that jump is then
@@ -502,19 +502,15 @@ def _redirect(s: PlacedSite, old: SiteRecord | None) -> list[SiteChange]:
     pro, plan, label = s.plan.prologue, s.plan, s.plan.function.symbol
     if plan.upgrading and plan.pad is not None and old is None:
         n = PAD_LEN
-        stale = SiteChange(plan.pad, plan.current[:n], s.new[:n], label, 0, {}, plan.pad, s.replacement, 0)
-        stale = stale._replace(trap_back=int.from_bytes(plan.current[1:n], "little", signed=True) + plan.pad + n)
+        stale = SiteChange(plan.pad, plan.current[:n], s.new[:n], label, 0, {}, plan.pad)
         rest = plan.address + n
-        entry = SiteChange(
-            rest, plan.current[n:], s.new[n:], label, 0, {}, pro.site, s.replacement, s.trampoline.address
-        )
+        entry = SiteChange(rest, plan.current[n:], s.new[n:], label, 0, {}, pro.site)
         return [stale, entry]
     if plan.upgrading:
         key = plan.address
         if old is not None and old.key and len(bytes.fromhex(old.new)) == len(s.new):
             key = old.site  # the padding's E9: the short jump stays as it is
-        back = old.replacement if old is not None else s.trampoline.address
-        return [SiteChange(plan.address, plan.current, s.new, label, 0, {}, key, s.replacement, back)]
+        return [SiteChange(plan.address, plan.current, s.new, label, 0, {}, key)]
     ordinary = plan.pad is None
     change = SiteChange(
         address=plan.address,
@@ -524,19 +520,16 @@ def _redirect(s: PlacedSite, old: SiteRecord | None) -> list[SiteChange]:
         span=pro.length if ordinary else 0,
         rip_map=s.trampoline.rip_map if ordinary else {},
         key_address=pro.site,
-        trap_to=s.replacement,
-        trap_back=s.trampoline.address,
     )
     return [change]
 
 
 def _restore(s: SiteRecord) -> SiteChange:
-    """The change that reverts one site: its key back to the original bytes (a thread trapping meanwhile
-    runs the original instructions in the trampoline). A short-jump site's padding keeps its ``E9`` for now
-    (:func:`_padding_entry`)."""
+    """The change that reverts one site: its key back to the original bytes. A short-jump site's padding
+    keeps its ``E9`` for now (:func:`_padding_entry`)."""
     off, n = s.key_span
     new, orig = bytes.fromhex(s.new)[off : off + n], bytes.fromhex(s.original)[off : off + n]
-    return SiteChange(s.site + off, new, orig, s.symbol, 0, {}, s.key_at, s.trampoline, s.replacement)
+    return SiteChange(s.site + off, new, orig, s.symbol, 0, {}, s.key_at)
 
 
 def _padding_entry(s: SiteRecord) -> list[Any]:

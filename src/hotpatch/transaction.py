@@ -35,10 +35,9 @@ class SiteChange(NamedTuple):
     ``rip_map`` maps every instruction boundary strictly inside the overwritten instructions
     ``(key, key + span)`` (and the end) to where a thread stopped there must continue; an empty map and
     ``span`` 0 mean no thread can be inside (the old bytes are a single instruction, or never executed).
-    ``label`` names it in errors. For the int3 protocol (:mod:`hotpatch.int3`): ``key_address`` is the
-    instruction threads enter through (default ``address``; after the padding for short-jump sites),
-    ``trap_to`` where a thread trapping on it goes while the change is made (the new behaviour) and
-    ``trap_back`` where it goes while a failed change is undone (the old behaviour).
+    ``label`` names it in errors. ``key_address`` is the instruction threads enter the change through
+    (default ``address``; after the padding for short-jump sites): protocols A and R (:mod:`hotpatch.livecommit`)
+    make it the last word written.
     """
 
     address: int
@@ -48,8 +47,6 @@ class SiteChange(NamedTuple):
     span: int = 0
     rip_map: MappingOf[int, int] = MappingProxyType({})
     key_address: int | None = None
-    trap_to: int = 0
-    trap_back: int = 0
 
     @property
     def key(self) -> int:
@@ -60,7 +57,7 @@ class SiteChange(NamedTuple):
 class CommitReport:
     """What a commit did: ``pause_us`` (the longest time any thread was stopped, µs; under protocol B, from
     the first interrupt to the last release), ``threads`` traced, threads ``moved`` out of overwritten bytes
-    (B) or redirected from an ``int3`` (A, R), watched regions found ``busy`` (a RIP or a stack word inside
+    (B; 0 under A and R, which stop no thread inside), watched regions found ``busy`` (a RIP or a stack word inside
     them), ``window_us`` the whole commit's length (µs) and the ``protocol`` used."""
 
     __slots__ = ("busy", "moved", "pause_us", "protocol", "threads", "window_us")

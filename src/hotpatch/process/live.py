@@ -3,11 +3,7 @@
 :class:`LiveWorld` seizes every thread of the target with ``PTRACE_SEIZE`` (no stop, ``PTRACE_O_TRACECLONE``,
 never ``EXITKILL``) and then only reacts to what the threads report:
 
-* a ``SIGTRAP`` signal-delivery-stop with RIP - 1 on one of the armed ``int3`` bytes: the thread hit a key
-  being rewritten; RIP is set to where the new (or, during a rollback, the old) code sends it and the thread
-  continues with the signal suppressed — the kernel's own ``int3`` handler emulates the new instruction the
-  same way (research §1.3, ``smp_text_poke_int3_handler``);
-* any other signal-delivery-stop: the signal is re-injected at once (``PTRACE_CONT`` with it), so a signal
+* a signal-delivery-stop: the signal is re-injected at once (``PTRACE_CONT`` with it), so a signal
   flood only costs each thread one tracer round trip per signal;
 * ``PTRACE_EVENT_CLONE``: the new thread is traced automatically and let go at its first stop;
 * a group-stop (SIGSTOP…): left stopped, detached as it is.
@@ -15,7 +11,7 @@ never ``EXITKILL``) and then only reacts to what the threads report:
 A thread is stopped only when asked (:meth:`stop_one`), one at a time, and each stop's length — from the
 moment the tracer sees it stopped to its resumption; a thread waiting for a CPU stops only when it gets one —
 is kept in ``stops_us``. To leave, :meth:`detach_all` stops each thread alone just long enough for ``PTRACE_DETACH``
-(which needs a stopped tracee, ptrace(2)); pending traps are drained on the way.
+(which needs a stopped tracee, ptrace(2)).
 """
 
 from __future__ import annotations
@@ -27,34 +23,18 @@ from collections.abc import Callable
 
 from ..errors import TargetError
 from . import ptrace
-from .ptrace import PtraceError, Regs
+from .ptrace import PtraceError
 from .threads import GROUP_STOP_SIGNALS, STOP_TIMEOUT_S, Thread, World
 
 SPIN_S = 0.0002  # seconds polling the one awaited thread before sleeping on SIGCHLD
 
 
-def _sigtrap_pending(pid: int, tid: int) -> bool:
-    """True when SIGTRAP is pending for thread ``tid`` (``SigPnd`` of /proc/PID/task/TID/status, proc(5))."""
-    try:
-        with open(f"/proc/{pid}/task/{tid}/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("SigPnd:"):
-                    return bool(int(line.split()[1], 16) & (1 << (signal.SIGTRAP - 1)))
-    except OSError:
-        pass
-    return False
-
-
 class LiveWorld(World):
-    """All threads of ``pid`` seized and running; ``traps`` maps an armed ``int3`` address + 1 to the
-    address a thread trapping there continues at. ``trapped`` counts redirected threads; ``stops_us``
-    holds the length (µs) of every stop this object asked for. Raises TargetError as :class:`World` does."""
+    """All threads of ``pid`` seized and running; ``stops_us`` holds the length (µs) of every stop this
+    object asked for. Raises TargetError as :class:`World` does."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(pid)
-        self.traps: dict[int, int] = {}
-        self.trap_hook: Callable[[int, Regs], None] | None = None  # sees each trapped thread, redirected
-        self.trapped = 0
         self.stops_us: list[float] = []
         self._wanted: dict[int, float] = {}  # tid -> perf_counter() when its stop was seen (0: asked, not seen)
 
@@ -94,8 +74,6 @@ class LiveWorld(World):
                 else:  # a new thread's first stop, or a late interrupt: let it run
                     ptrace.cont(tid)
             elif event == 0:
-                if sig == signal.SIGTRAP and self._redirect(tid):
-                    return
                 if tid in self._wanted:  # stopped anyway: inspect it now, deliver the signal on resume
                     th.signal = sig
                     self._mark_stopped(th)
@@ -106,26 +84,6 @@ class LiveWorld(World):
         except PtraceError:
             self.threads.pop(tid, None)  # it died meanwhile
 
-    def _redirect(self, tid: int) -> bool:
-        """A SIGTRAP stop: if it comes from an armed int3, send the thread on (a thread we are waiting for
-        stays stopped, its SIGTRAP dropped) and return True."""
-        regs = ptrace.get_regs(tid)
-        dest = self.traps.get(regs.rip)
-        if dest is None:
-            return False
-        regs.rip = dest
-        ptrace.set_regs(tid, regs)
-        self.trapped += 1
-        if self.trap_hook is not None:
-            self.trap_hook(tid, regs)
-        th = self.threads[tid]
-        if tid in self._wanted:
-            th.signal = 0
-            self._mark_stopped(th)
-        else:
-            ptrace.cont(tid)
-        return True
-
     def _mark_stopped(self, th: Thread) -> None:
         if th.tid in self._wanted:
             self._wanted[th.tid] = time.perf_counter()
@@ -135,7 +93,7 @@ class LiveWorld(World):
 
     # -- one thread at a time -----------------------------------------------------------------------
     def stop_one(self, tid: int) -> Thread | None:
-        """Interrupt thread ``tid`` alone and wait for its stop (traps of the others are served meanwhile).
+        """Interrupt thread ``tid`` alone and wait for its stop (the others' events are served meanwhile).
 
         Returns the stopped thread, or None when it exited. Raises TargetError when it does not stop within
         STOP_TIMEOUT_S.
@@ -196,7 +154,7 @@ class LiveWorld(World):
     def visit(self, tids: list[int], fn: Callable[[Thread], None], detach: bool = False) -> None:
         """Interrupt the threads ``tids`` together and, as each one stops, call ``fn`` on it and let it go
         at once (resume, or ``PTRACE_DETACH`` when ``detach``): each is held only for ``fn``, though the
-        stops of two threads may overlap. Threads that vanish are skipped; traps are served meanwhile.
+        stops of two threads may overlap. Threads that vanish are skipped.
         Raises TargetError when a thread does not stop within STOP_TIMEOUT_S."""
         pending = []
         for tid in tids:
@@ -221,8 +179,7 @@ class LiveWorld(World):
                     self._wanted.pop(tid, None)
                 elif th.stopped:
                     fn(th)
-                    if not self._let_go(th, detach):
-                        left.append(tid)
+                    self._let_go(th, detach)
                 else:
                     left.append(tid)
             pending = left
@@ -231,23 +188,11 @@ class LiveWorld(World):
                     raise TargetError(f"thread {pending[0]} of PID {self.pid} did not stop within {STOP_TIMEOUT_S:g} s")
                 signal.sigtimedwait([signal.SIGCHLD], 0.001)
 
-    def _let_go(self, th: Thread, detach: bool) -> bool:
-        """Resume or detach a stopped thread; False when it must first take a SIGTRAP it has pending (it
-        hit an armed int3 and then reported our interrupt: the kernel runs job-control traps before
-        dequeuing signals, kernel/signal.c ``get_signal``). Detached then, the SIGTRAP would kill the
-        target; resumed instead, it comes back as a trap stop, is redirected and stays stopped."""
+    def _let_go(self, th: Thread, detach: bool) -> None:
+        """Resume a stopped thread, or detach it (with a signal it reported re-injected)."""
         if not detach:
             self.resume_one(th.tid)
-            return True
-        if self.traps and th.signal == 0 and _sigtrap_pending(self.pid, th.tid):
-            try:
-                self._flush(th)
-                ptrace.cont(th.tid)
-            except PtraceError:
-                self.threads.pop(th.tid, None)
-                return True
-            th.stopped = False
-            return False
+            return
         started = self._wanted.pop(th.tid, None)
         try:
             self._flush(th)
@@ -258,12 +203,10 @@ class LiveWorld(World):
         if started:
             self.stops_us.append((time.perf_counter() - started) * 1e6)
         self.threads.pop(th.tid, None)
-        return True
 
     def detach_all(self) -> None:
         """Detach every thread (``PTRACE_DETACH`` needs a stopped tracee: each is interrupted and detached the
-        moment it stops); never raises for threads that vanished. Traps still pending are served first
-        (their ``int3`` may already be gone), so no thread is left to take a stray ``SIGTRAP``."""
+        moment it stops); never raises for threads that vanished."""
         for _ in range(100):
             self.pump()
             if not self.threads:

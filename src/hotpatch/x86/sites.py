@@ -3,7 +3,7 @@
 Hotpatch-ready and opportunistic sites get a *short jump* ``EB rel8`` over one instruction of at least 2
 bytes (the *key*), into a long ``E9 rel32`` written in 5 never-executed bytes just before the entry (seed 001:
 ``mov edi,edi`` becomes ``EB F9``, the 5 bytes before hold ``E9 rel32``). They are written with protocol A
-(int3, no stop). Ordinary sites get the 5-byte jump over the first instructions (:mod:`.prologue`), written
+(no stop; :mod:`hotpatch.livecommit`). Ordinary sites get the 5-byte jump over the first instructions (:mod:`.prologue`), written
 with protocol R (rolling) or B (stop the world).
 
 Classes, checked in this order:
@@ -66,7 +66,7 @@ class Site(NamedTuple):
 
     @property
     def key(self) -> int:
-        """The address of the instruction threads enter through (byte 0 gets the ``int3``)."""
+        """The address of the instruction threads enter through (its first word is written last)."""
         return self.prologue.site
 
     @property
