@@ -383,13 +383,15 @@ def test_pid_already_traced(tmp_path: Path, procs: Procs, built: Built, target: 
 
 
 def test_32bit_target_process(tmp_path: Path, procs: Procs, built: Built) -> None:
-    """An i386 process is refused in one line naming its architecture."""
+    """A patch for x86-64 offered to an i386 process is refused in one line naming both (i386 processes
+    are patched with patches built for them: tests/test_i386_patching.py)."""
     src = tmp_path / "bad_i386.c"
     src.write_text(I386_SOURCE)
     exe = compile_program(src, tmp_path / "bad_i386", "-m32")
     proc = procs.start(exe, stdin=subprocess.PIPE)
     wait_for_line(proc, lambda line: line.startswith("ready"))
-    assert_one_line_error(run_cli("apply", "--pid", proc.pid, built.patches["good"]), "32-bit", "i386", code=1)
+    res = run_cli("apply", "--pid", proc.pid, built.patches["good"])
+    assert_one_line_error(res, "for x86_64 (64-bit) processes", "is a 32-bit process", code=1)
     assert proc.poll() is None
     assert_running(proc.pid)
 

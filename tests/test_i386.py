@@ -405,8 +405,8 @@ def test_arch_tables() -> None:
         4096,
     )
     assert i386.call_regs == ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp")
-    assert (remote.SYS_MMAP, remote.SYS_MUNMAP, remote.SYS_MPROTECT, remote.SYS_CLOSE) == (9, 11, 10, 3)
-    assert (remote.SYS_FTRUNCATE, remote.SYS_MEMFD_CREATE) == (77, 319)
+    x64 = remote.ARCHES[64].sys
+    assert (x64.mmap, x64.munmap, x64.mprotect, x64.close, x64.ftruncate, x64.memfd_create) == (9, 11, 10, 3, 77, 319)
     assert i386.result(0xF7F0_0000) == 0xF7F0_0000  # an address above 2 GiB stays positive
     assert i386.result((-22) & SIGN_EXTENDED_MINUS_ONE) == -22 == i386.result(0xFFFF_FFEA)
     assert remote.ARCHES[64].result((-17) & SIGN_EXTENDED_MINUS_ONE) == -17

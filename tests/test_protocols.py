@@ -114,11 +114,9 @@ def test_cycles_under_load(tmp_path: Path, procs: Procs, protocol: str) -> None:
     maps_before = Path(f"/proc/{proc.pid}/maps").read_text().count("\n")
     with hotpatch.attach(proc.pid) as target:
         old0, new0 = read_stats(proc)
-        trapped = 0
         for i in range(CYCLES[protocol]):
             rep = target.apply(str(patch), protocol)
             assert rep.protocol == want
-            trapped += rep.moved
             reps = target.revert("prot", protocol)
             assert reps[0].protocol == want
             if i % 100 == 0:

@@ -12,8 +12,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 import hotpatch
-from conftest import TARGETS, Procs, assert_running, compile_program, run_cli, wait_for_line
+from conftest import TARGETS, Procs, assert_running, compile_program, run_cli, thread_states, wait_for_line
+from hotpatch.errors import TargetError
 
 
 def _blocked_in_read(pid: int) -> bool:
@@ -79,4 +82,34 @@ def test_thread_in_overwritten_syscall_is_moved_and_memory_kept(tmp_path: Path, 
     proc.stdin.write(b"again\n")
     proc.stdin.flush()
     assert wait_for_line(proc, lambda s: s.startswith("read:")).strip() == "read: again"
+    assert_running(proc.pid)
+
+
+def test_a_thread_that_cannot_stop_is_not_left_stopped(tmp_path: Path, procs: Procs) -> None:
+    """A thread waiting for its vfork child (a killable-only sleep that PTRACE_INTERRUPT does not end) cannot
+    stop for 6 s: apply fails with one clear error after STOP_TIMEOUT_S, changes nothing, and — the API
+    caller being still alive as the tracer — that thread must not stop later with nobody to resume it: the
+    release waits for its stop and detaches it."""
+    exe = compile_program(TARGETS / "vfork_wait.c", tmp_path / "vfork_wait", "-pthread")
+    (tmp_path / "fix.c").write_text("long compute(long x) { return x * 3 + 2; }\n")
+    patch = tmp_path / "fix.hp"
+    res = run_cli("build", tmp_path / "fix.c", "--target", exe, "-o", patch, "--name", "fix")
+    assert res.returncode == 0, res.stderr
+    proc = procs.start(exe, stdin=subprocess.PIPE)
+    wait_for_line(proc, lambda s: s.startswith("ready"))
+    deadline = time.monotonic() + 5
+    while "D" not in thread_states(proc.pid):
+        assert time.monotonic() < deadline, "the vfork parent never waited for its child"
+        time.sleep(0.01)
+    with hotpatch.attach(proc.pid) as target:
+        with pytest.raises(TargetError, match="did not stop within"):
+            target.apply(str(patch), "stop-the-world")
+        assert target.status().patches == ()
+        deadline = time.monotonic() + 10
+        while "D" in thread_states(proc.pid):  # until the vfork child exits
+            assert time.monotonic() < deadline, "the vfork parent still waits"
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert_running(proc.pid)  # not stopped by the interrupt sent while it could not stop
+        assert target.apply(str(patch), "stop-the-world").protocol == "B"  # and it works once the thread can stop
     assert_running(proc.pid)

@@ -25,7 +25,7 @@ from contextlib import contextmanager, suppress
 from typing import Any, NamedTuple
 
 from . import state as statemod
-from .errors import HotpatchError, SiteError, StateError, TargetError, UpToDateError
+from .errors import HotpatchError, PatchFileError, SiteError, StateError, TargetError, UpToDateError
 from .livecommit import LiveCommit, RollingTimeout, wait_settled
 from .loader import Layout, load
 from .modules import ModuleSet
@@ -99,7 +99,12 @@ class Report:
         self.protocol = "B"
 
 
-def _check_target(pid: int) -> None:
+EM_386, EM_X86_64 = 3, 62  # ELF e_machine (System V gABI)
+
+
+def _check_target(pid: int) -> int:
+    """The bitness (64, or 32 for i386) of process ``pid``, from its executable's ELF header; raises
+    TargetError when it is gone, is us, may not be traced, or is not x86."""
     if pid <= 0 or not os.path.isdir(f"/proc/{pid}"):
         raise TargetError(f"no process with PID {pid}")
     if pid == os.getpid():
@@ -111,20 +116,22 @@ def _check_target(pid: int) -> None:
         raise TargetError(f"not permitted to trace PID {pid}") from None
     except OSError:
         raise TargetError(f"PID {pid} has no executable (a kernel thread or a zombie)") from None
-    if head[:4] == b"\x7fELF" and head[4] == 1:
-        raise TargetError(f"PID {pid} is a 32-bit (i386) process; this version patches x86-64 processes only")
-    if head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") != 62:
-        raise TargetError(f"PID {pid} is not an x86-64 process")
+    machine = int.from_bytes(head[18:20], "little")
+    if head[:4] != b"\x7fELF" or (head[4], machine) not in ((2, EM_X86_64), (1, EM_386)):
+        raise TargetError(f"PID {pid} is neither an x86-64 nor an i386 process")
+    return 64 if machine == EM_X86_64 else 32
 
 
 class Target:
     """A running process opened for patching. Use :func:`attach`; close with :meth:`close` or ``with``.
 
-    Raises TargetError when the process does not exist, is 32-bit, or may not be traced.
+    ``bitness``: 64 for an x86-64 process, 32 for an i386 one (``gcc -m32``), patched the same way from this
+    64-bit tool with 32-bit code and patches built for it. Raises TargetError when the process does not exist,
+    is not x86, or may not be traced.
     """
 
     def __init__(self, pid: int) -> None:
-        _check_target(pid)
+        self.bitness = _check_target(pid)
         self.pid = pid
         self.mem = Memory(pid)
         self._stub_area: int | None = None
@@ -214,6 +221,11 @@ class Target:
         """
         pf = patch if isinstance(patch, PatchFile) else PatchFile(patch)
         man = pf.manifest
+        if pf.bitness != self.bitness:
+            raise PatchFileError(
+                f"{pf.where} is a patch for {man.arch} ({pf.bitness}-bit) processes; PID {self.pid} is a "
+                f"{self.bitness}-bit process"
+            )
         with self._locked():
             maps = self._maps()
             state_addr, record = self._record(maps)
@@ -227,15 +239,16 @@ class Target:
             modules = ModuleSet(self.pid, maps)
             try:
                 module = modules.find(man.build_id, man.file)
-                plans = plan_sites(self.mem, module, man.functions, record, man.name)
+                plans = plan_sites(self.mem, module, man.functions, record, man.name, self.bitness)
                 layout = Layout.of(pf, MAX_TRAMPOLINE * len(plans))
                 sites = [p.prologue.site for p in plans]
-                candidates = gap_candidates(maps, [*sites, module.start, module.end], layout.size)
+                top = remote.ARCHES[self.bitness].user_top
+                candidates = gap_candidates(maps, [*sites, module.start, module.end], layout.size, top=top)
                 if not candidates:
                     raise TargetError(f"no free address range within ±2 GiB of {module.path} in PID {self.pid}")
 
                 def read_word(addr: int) -> int:
-                    return int.from_bytes(self.mem.read(addr, 8), "little")
+                    return int.from_bytes(self.mem.read(addr, self.bitness // 8), "little")
 
                 resolved: dict[str, int] = {}
 
@@ -314,9 +327,9 @@ class Target:
                 try:
                     for addr, size, prot in img.protections:
                         if prot != rx:
-                            inject(remote.SYS_MPROTECT, addr, size, prot)
+                            inject(inject.sys.mprotect, addr, size, prot)
                 except BaseException:
-                    inject(remote.SYS_MUNMAP, region, layout.size)
+                    inject(inject.sys.munmap, region, layout.size)
                     raise
             try:  # /proc/PID/mem writes need no write permission (FOLL_FORCE): the target runs meanwhile
                 tramps = b"".join(s.trampoline.code.ljust(MAX_TRAMPOLINE, b"\xcc") for s in placed)
@@ -338,7 +351,7 @@ class Target:
                 with suppress(HotpatchError):
                     jump = self.mem.read(r[0], PAD_LEN)
                     if jump[0] == 0xE9:
-                        dest = r[0] + PAD_LEN + int.from_bytes(jump[1:], "little", signed=True)
+                        dest = (r[0] + PAD_LEN + int.from_bytes(jump[1:], "little", signed=True)) % (1 << self.bitness)
                         busy |= {(a[0], a[1]) for a in retired if len(a) == 2 and a[0] <= dest < a[0] + a[1]}
         free = [r for r in retired if (r[0], r[1]) not in busy]
         for r in free:
@@ -371,13 +384,13 @@ class Target:
         watch = [(r[0], r[1]) for r in retired]
         if proto in ("A", "R"):
             try:
-                report = LiveCommit(self.pid, self.mem, self._stub(), changes).run(watch)
+                report = LiveCommit(self.pid, self.mem, self._stub(), changes, self.bitness).run(watch)
                 report.protocol = proto
                 return report
             except (RollingTimeout, SiteError):  # SiteError: a key whose 2-byte store would be torn
                 if protocol != "auto":
                     raise
-        txn = Transaction(self.pid, self.mem)
+        txn = Transaction(self.pid, self.mem, self.bitness)
         for c in changes:
             txn.add(c)
         return txn.commit(watch=watch)
@@ -388,7 +401,7 @@ class Target:
             return
         with suppress(HotpatchError), self._injector() as inject:
             for addr, size in regions:
-                inject(remote.SYS_MUNMAP, addr, size)
+                inject(inject.sys.munmap, addr, size)
 
     def _undo_load(self, state_addr: int, record: Record, region: int, size: int) -> None:
         """After a failed commit: put the record back and unmap the region (nothing ran in it)."""
@@ -448,7 +461,7 @@ class Target:
         if not retire or state_addr is None:
             return record
         if rollback:  # a tool killed mid-commit: put each site's key back, with everything stopped
-            txn = Transaction(self.pid, self.mem)
+            txn = Transaction(self.pid, self.mem, self.bitness)
             for p in rollback:
                 for s in p.sites:
                     off, n = s.key_span
@@ -539,6 +552,6 @@ def _padding_entry(s: SiteRecord) -> list[Any]:
 
 
 def attach(pid: int) -> Target:
-    """Open the running process ``pid`` for patching. Raises TargetError (no such PID, not traceable,
-    not x86-64)."""
+    """Open the running process ``pid`` (x86-64 or i386) for patching. Raises TargetError (no such PID, not
+    traceable, not x86)."""
     return Target(pid)

@@ -35,7 +35,7 @@ from .process.memory import Memory
 from .process.ptrace import Regs
 from .process.remote import Injector
 from .process.threads import Thread, thread_state
-from .transaction import STACK_SCAN_LIMIT, CommitReport, SiteChange, check_bytes, signals_blocked
+from .transaction import STACK_SCAN_LIMIT, CommitReport, SiteChange, check_bytes, signals_blocked, stack_words
 from .x86 import selfloop, stub
 
 ROLLING_TIMEOUT_S = 2.0  # how long protocol R waits for every thread to leave the overwritten bytes
@@ -74,11 +74,13 @@ class LiveCommit:
     """One commit of ``changes`` with the world running; see the module docstring.
 
     ``watch``: regions (addr, bytes) to check, after the commit, for threads still using them (RIP or a stack
-    word inside), one thread at a time — for deciding whether memory may be freed.
+    word inside), one thread at a time — for deciding whether memory may be freed. ``bitness``: the target's
+    (64, or 32 for i386: 4-byte stack words, a 32-bit program).
     """
 
-    def __init__(self, pid: int, mem: Memory, stub_area: int, changes: Sequence[SiteChange]) -> None:
+    def __init__(self, pid: int, mem: Memory, stub_area: int, changes: Sequence[SiteChange], bitness: int = 64) -> None:
         self.pid, self.mem, self.stub = pid, mem, stub_area
+        self.bitness, self.word = bitness, bitness // 8
         self.changes = list(changes)
         self.edits = [selfloop.Edit(c.address, c.expected, c.new, c.key) for c in self.changes]
         for c in self.changes:
@@ -102,7 +104,7 @@ class LiveCommit:
                 check_bytes(self.mem, self.changes)
                 self._commit(world, maps)
                 if watch:
-                    report.busy = _watch_pass(world, self.mem, maps, watch)
+                    report.busy = _watch_pass(world, self.mem, maps, watch, self.word)
             finally:
                 world.detach_all()
         report.pause_us = world.longest_one_us
@@ -125,15 +127,15 @@ class LiveCommit:
             resume.orig_rax = 2**64 - 1
             prot = {page: _prot(maps, page) for page in selfloop.pages_of(self.edits)}
             wait = PROGRAM_WAIT_S if ranges else None
-            self.mem.write(area, selfloop.build(data, self.edits, prot, resume, wait))
-            self.mem.write(data, selfloop.data_page())
-            inject(remote.SYS_MPROTECT, area, selfloop.PAGE, remote.PROT_READ | remote.PROT_EXEC)
+            self.mem.write(area, selfloop.build(area, self.edits, prot, resume, wait, self.bitness))
+            self.mem.write(data, selfloop.data_page(self.bitness))
+            inject(inject.sys.mprotect, area, selfloop.PAGE, remote.PROT_READ | remote.PROT_EXEC)
         finally:
             inject.close()
         self._launch(world, th, resume, area)
         try:
             outcome = self._follow(world, maps, data, ranges)
-            err = struct.unpack("<q", self.mem.read(data + selfloop.D_ERR, 8))[0]  # read before the unmap
+            err = struct.unpack("<i", self.mem.read(data + selfloop.D_ERR, 4))[0]  # read before the unmap
         finally:
             self._unmap(world, th.tid, area)
         if outcome == selfloop.FAILED:
@@ -159,7 +161,8 @@ class LiveCommit:
             if th is None:
                 continue
             assert th.regs is not None
-            if th.regs.cs == 0x33 and not any(_hits(_thread_words(self.mem, maps, th), lo, hi) for lo, hi in ranges):
+            words = _thread_words(self.mem, maps, th, self.word)
+            if remote.thread_bitness(th.regs) == self.bitness and not any(_hits(words, lo, hi) for lo, hi in ranges):
                 return th
             world.resume_one(tid)
         raise TargetError(f"PID {world.pid} has no thread able to make the change (stopped by job control?)")
@@ -188,7 +191,7 @@ class LiveCommit:
         if state != selfloop.ARMED:
             return state
         try:
-            _rolling(world, self.mem, maps, ranges)
+            _rolling(world, self.mem, maps, ranges, self.word)
         except BaseException:
             self.mem.write(data + selfloop.D_GO, bytes([selfloop.GO_ABORT]))
             with suppress(HotpatchError):
@@ -211,7 +214,7 @@ class LiveCommit:
                 with suppress(HotpatchError):
                     inject = Injector(world, self.mem, self.stub, th)
                     try:
-                        inject(remote.SYS_MUNMAP, area, 2 * selfloop.PAGE)
+                        inject(inject.sys.munmap, area, 2 * selfloop.PAGE)
                     finally:
                         inject.close()
                 world.resume_one(tid)
@@ -220,25 +223,22 @@ class LiveCommit:
             time.sleep(POLL_S)
 
 
-def _stack_words(mem: Memory, maps: list[Mapping], regs: Regs, restarting: bool = False) -> list[int]:
-    """The sorted RIP and stack words (RSP up to the end of its mapping, at most STACK_SCAN_LIMIT bytes) of a
-    stopped thread with registers ``regs``, with RIP - 2 when a syscall restart will rewind it (research
-    §4.3)."""
+def _thread_words(mem: Memory, maps: list[Mapping], th: Thread, word: int) -> list[int]:
+    """The sorted RIP and ``word``-byte stack words (RSP up to the end of its mapping, at most
+    STACK_SCAN_LIMIT bytes) of the stopped thread ``th``, with RIP - 2 when a syscall restart will rewind it
+    (research §4.3)."""
+    regs = th.regs
+    assert regs is not None
     rsp = regs.rsp
     i = bisect.bisect_right([m.start for m in maps], rsp) - 1
     data = b""
     if i >= 0 and maps[i].start <= rsp < maps[i].end:
-        start = rsp & ~7
+        start = rsp & -word
         data = mem.try_read(start, min(maps[i].end, start + STACK_SCAN_LIMIT) - start) or b""
-    words = [*memoryview(data[: len(data) & ~7]).cast("Q").tolist(), regs.rip]
-    if restarting:
+    words = [*stack_words(data, word), regs.rip]
+    if th.restarting:
         words.append(regs.rip - 2)
     return sorted(words)
-
-
-def _thread_words(mem: Memory, maps: list[Mapping], th: Thread) -> list[int]:
-    assert th.regs is not None
-    return _stack_words(mem, maps, th.regs, th.restarting)
 
 
 def _hits(words: list[int], lo: int, hi: int) -> bool:
@@ -247,7 +247,7 @@ def _hits(words: list[int], lo: int, hi: int) -> bool:
     return i < len(words) and words[i] < hi
 
 
-def _rolling(world: LiveWorld, mem: Memory, maps: list[Mapping], ranges: list[tuple[int, int]]) -> None:
+def _rolling(world: LiveWorld, mem: Memory, maps: list[Mapping], ranges: list[tuple[int, int]], word: int) -> None:
     """Protocol R's check: every thread seen once with nothing in any ``(key, key + span)`` of ``ranges``.
 
     Threads created after the self-loops were synced cannot be inside (they could only enter through a key).
@@ -258,7 +258,7 @@ def _rolling(world: LiveWorld, mem: Memory, maps: list[Mapping], ranges: list[tu
     def clear(words: list[int]) -> bool:
         return not any(_hits(words, lo, hi) for lo, hi in ranges)
 
-    _rolling_rounds(world, mem, maps, pending, clear, time.monotonic() + ROLLING_TIMEOUT_S)
+    _rolling_rounds(world, mem, maps, pending, clear, time.monotonic() + ROLLING_TIMEOUT_S, word)
 
 
 def _rolling_rounds(
@@ -268,6 +268,7 @@ def _rolling_rounds(
     pending: set[int],
     clear: Callable[[list[int]], bool],
     deadline: float,
+    word: int,
 ) -> None:
     """Look at the ``pending`` threads one at a time until each was seen ``clear``; raises RollingTimeout."""
     while pending:
@@ -276,7 +277,7 @@ def _rolling_rounds(
             if th is None:
                 pending.discard(tid)
                 continue
-            words = _thread_words(mem, maps, th)
+            words = _thread_words(mem, maps, th, word)
             world.resume_one(tid)
             if clear(words):
                 pending.discard(tid)
@@ -290,7 +291,7 @@ def _rolling_rounds(
 
 
 def _watch_pass(
-    world: LiveWorld, mem: Memory, maps: list[Mapping], watch: Sequence[tuple[int, int]]
+    world: LiveWorld, mem: Memory, maps: list[Mapping], watch: Sequence[tuple[int, int]], word: int
 ) -> set[tuple[int, int]]:
     """The regions of ``watch`` some thread still uses (RIP or stack word inside); a busy thread is looked at
     again every 0.5 ms for up to WATCH_S (a preempted thread may stand on a jump a while). The new code is in
@@ -298,7 +299,7 @@ def _watch_pass(
     busy_by: dict[int, set[tuple[int, int]]] = {}
 
     def look(th: Thread) -> None:
-        words = _thread_words(mem, maps, th)
+        words = _thread_words(mem, maps, th, word)
         hit = {(a, n) for a, n in watch if _hits(words, a - 1, a + n)}
         if hit:
             busy_by[th.tid] = hit

@@ -30,7 +30,7 @@ class SitePlan(NamedTuple):
     short-jump classes, the 5-byte span for ordinary sites) and the ``current`` bytes of the site's region
     (the original ones, or an older version's jumps when upgrading). Short-jump classes also carry ``pad``
     (entry - 5, where the ``E9 rel32`` goes), the original ``padding`` there and ``lead`` (the bytes from the
-    entry to the key: ``endbr64`` or nothing)."""
+    entry to the key: ``endbr64`` or nothing). ``bitness``: the target's code, 64 or 32 (i386)."""
 
     function: Function
     prologue: x86prologue.Prologue
@@ -39,6 +39,7 @@ class SitePlan(NamedTuple):
     pad: int | None = None
     padding: bytes = b""
     lead: bytes = b""
+    bitness: int = 64
 
     @property
     def address(self) -> int:
@@ -71,9 +72,9 @@ class PlacedSite(NamedTuple):
         the lead, and ``EB rel8`` at the key (seed 001)."""
         pro = self.plan.prologue
         if self.plan.pad is None:
-            return jmp_rel32(pro.site, self.replacement)
+            return jmp_rel32(pro.site, self.replacement, self.plan.bitness)
         pad = self.plan.pad
-        return jmp_rel32(pad, self.replacement) + self.plan.lead + jmp_rel8(pro.site, pad)
+        return jmp_rel32(pad, self.replacement, self.plan.bitness) + self.plan.lead + jmp_rel8(pro.site, pad)
 
 
 def _original_code(
@@ -107,9 +108,9 @@ def _original_code(
 
 
 def plan_sites(
-    mem: Memory, module: Module, functions: tuple[Function, ...], record: Record, name: str
+    mem: Memory, module: Module, functions: tuple[Function, ...], record: Record, name: str, bitness: int = 64
 ) -> list[SitePlan]:
-    """Check and analyse every function of a patch called ``name`` in ``module``.
+    """Check and analyse every function of a patch called ``name`` in ``module`` of a ``bitness``-bit target.
 
     Raises MismatchError when a function's bytes (or, for a short-jump class, the padding before it) differ
     from the manifest, SiteError when a site is owned by another patch or cannot be patched safely.
@@ -134,11 +135,12 @@ def plan_sites(
             least = JMP_REL8_LEN if ready else JMP_REL32_LEN
             pro = x86prologue.Prologue.from_manifest(entry, code, f.site_offset, f.lengths, f.position_dependent, least)
         else:
-            pro = x86prologue.analyze(f.symbol, entry, code)
+            pro = x86prologue.analyze(f.symbol, entry, code, bitness)
         if ready:
-            plan = SitePlan(f, pro, b"", f.klass, entry - sites.PAD_LEN, padding, code[: f.site_offset])
+            pad = entry - sites.PAD_LEN
+            plan = SitePlan(f, pro, b"", f.klass, pad, padding, code[: f.site_offset], bitness)
         else:
-            plan = SitePlan(f, pro, b"")
+            plan = SitePlan(f, pro, b"", bitness=bitness)
         current = plan.original
         if mine is not None:
             if mine.site != plan.address or len(bytes.fromhex(mine.new)) != len(current):
@@ -159,6 +161,6 @@ def place(plans: list[SitePlan], replacements: dict[str, int], tramp_area: int) 
     """
     out = []
     for i, plan in enumerate(plans):
-        tramp = x86trampoline.build(plan.prologue, tramp_area + i * x86trampoline.MAX_TRAMPOLINE)
+        tramp = x86trampoline.build(plan.prologue, tramp_area + i * x86trampoline.MAX_TRAMPOLINE, plan.bitness)
         out.append(PlacedSite(plan, replacements[plan.function.symbol], tramp))
     return out

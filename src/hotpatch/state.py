@@ -24,10 +24,6 @@ from .process.remote import (
     MFD_CLOEXEC,
     PROT_READ,
     PROT_WRITE,
-    SYS_CLOSE,
-    SYS_FTRUNCATE,
-    SYS_MEMFD_CREATE,
-    SYS_MMAP,
     Injector,
 )
 
@@ -169,7 +165,8 @@ def create(inject: Injector, mem: Memory) -> int:
     """Create the state mapping in the target with injected syscalls; returns its address.
 
     The memfd's name is placed on the injecting thread's stack, below its 128-byte red zone (System V
-    x86-64 psABI §3.2.2), which no code uses while the thread is stopped. The memfd is closed after mapping,
+    x86-64 psABI §3.2.2; i386 has none), which no code uses while the thread is stopped. The system call
+    numbers are the injecting thread's (``inject.sys``: x86-64 or i386). The memfd is closed after mapping,
     so no descriptor is left behind. Raises TargetError when the kernel refuses (memfd_create needs Linux
     >= 3.17).
     """
@@ -178,16 +175,16 @@ def create(inject: Injector, mem: Memory) -> int:
     scratch = (regs.rsp - 512) & ~15
     mem.write(scratch, NAME + b"\0")
     try:
-        fd = inject(SYS_MEMFD_CREATE, scratch, MFD_CLOEXEC)
+        fd = inject(inject.sys.memfd_create, scratch, MFD_CLOEXEC)
     except OSError as e:
         raise TargetError(f"cannot create the hotpatch record in the target: memfd_create: {e.strerror}") from None
     try:
-        inject(SYS_FTRUNCATE, fd, SIZE)
-        addr = inject(SYS_MMAP, 0, SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        inject(inject.sys.ftruncate, fd, SIZE)
+        addr = inject.mmap(0, SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
     except OSError as e:
         raise TargetError(f"cannot map the hotpatch record in the target: {e.strerror}") from None
     finally:
-        inject(SYS_CLOSE, fd)
+        inject(inject.sys.close, fd)
     return addr
 
 

@@ -98,14 +98,16 @@ def check_bytes(mem: Memory, changes: Sequence[SiteChange]) -> None:
 class Transaction:
     """A set of site changes in one target, applied all-or-nothing by :meth:`commit`.
 
-    ``Transaction(pid, mem)`` begins it; :meth:`add` queues changes; :meth:`commit` writes them with every
-    thread stopped. ``watch`` regions ``(addr, size)`` are checked for threads executing in them (RIP or any
-    stack word) while the world is stopped, for deciding whether memory may be unmapped.
+    ``Transaction(pid, mem, bitness)`` begins it; :meth:`add` queues changes; :meth:`commit` writes them with
+    every thread stopped. ``watch`` regions ``(addr, size)`` are checked for threads executing in them (RIP or
+    any stack word: 8 bytes, 4 in an i386 target of ``bitness`` 32) while the world is stopped, for deciding
+    whether memory may be unmapped.
     """
 
-    def __init__(self, pid: int, mem: Memory) -> None:
+    def __init__(self, pid: int, mem: Memory, bitness: int = 64) -> None:
         self.pid = pid
         self.mem = mem
+        self.word = bitness // 8
         self.changes: list[SiteChange] = []
 
     def add(self, change: SiteChange) -> None:
@@ -150,7 +152,7 @@ class Transaction:
             finally:
                 world.release()
                 report.pause_us = world.longest_stop_us
-        report.busy = _busy(stacks, watch)
+        report.busy = _busy(stacks, watch, self.word)
         return report
 
     def _check_bytes(self) -> None:
@@ -198,17 +200,23 @@ class Transaction:
             region = next((m for m in maps if m.start <= rsp < m.end), None)
             data = b""
             if region is not None:
-                start = rsp & ~7
+                start = rsp & -self.word
                 data = self.mem.try_read(start, min(region.end, start + STACK_SCAN_LIMIT) - start) or b""
             out.append((th.regs.rip, data))
         return out
 
 
-def _busy(stacks: list[tuple[int, bytes]], watch: Sequence[tuple[int, int]]) -> set[tuple[int, int]]:
-    """The regions of ``watch`` that a RIP or a stack word of ``stacks`` points into."""
+def stack_words(data: bytes, word: int) -> list[int]:
+    """The ``word``-byte (8, or 4 for i386) little-endian values of ``data``, a stack read from an aligned
+    address (a trailing partial word is ignored)."""
+    return memoryview(data[: len(data) - len(data) % word]).cast("Q" if word == 8 else "I").tolist()
+
+
+def _busy(stacks: list[tuple[int, bytes]], watch: Sequence[tuple[int, int]], word: int) -> set[tuple[int, int]]:
+    """The regions of ``watch`` that a RIP or a ``word``-byte stack word of ``stacks`` points into."""
     busy: set[tuple[int, int]] = set()
     for rip, data in stacks:
-        words = sorted([*memoryview(data[: len(data) & ~7]).cast("Q").tolist(), rip])
+        words = sorted([*stack_words(data, word), rip])
         for addr, size in watch:
             i = bisect.bisect_left(words, addr)
             if i < len(words) and words[i] < addr + size:

@@ -81,21 +81,24 @@ def page_up(addr: int) -> int:
     return (addr + PAGE - 1) & ~(PAGE - 1)
 
 
-def gap_candidates(maps: Sequence[Mapping], near: Iterable[int], size: int, guard: int = PAGE) -> list[int]:
+def gap_candidates(
+    maps: Sequence[Mapping], near: Iterable[int], size: int, guard: int = PAGE, top: int = USER_TOP
+) -> list[int]:
     """Start addresses of free ranges of ``size`` bytes from which every address in ``near`` is in rel32 reach.
 
-    Each candidate keeps ``guard`` bytes free on both sides. Sorted nearest first (distance to the middle
-    of ``near``). The caller maps with ``MAP_FIXED_NOREPLACE`` and checks the result, as another thread of
+    Each candidate keeps ``guard`` bytes free on both sides and ends at or below ``top`` (the end of the user
+    address space: ``USER_TOP``, or 0xFFFFE000 for an i386 process). Sorted nearest first (distance to the
+    middle of ``near``). The caller maps with ``MAP_FIXED_NOREPLACE`` and checks the result, as another thread of
     the target may map the same range meanwhile (research §5).
     """
     points = sorted(near)
     lo_need = points[-1] - REL32_REACH + 5  # the region must start at or above this
     hi_need = points[0] + REL32_REACH - 5  # ... and end at or below this
     mid = (points[0] + points[-1]) // 2
-    spans = sorted((m.start, m.end) for m in maps)
+    spans = sorted((m.start, m.end) for m in maps if m.start < top)
     cands: list[int] = []
     prev_end = MMAP_MIN_ADDR
-    for start, end in [*spans, (USER_TOP, USER_TOP)]:
+    for start, end in [*spans, (top, top)]:
         gap_lo, gap_hi = page_up(prev_end + guard), page_down(start - guard)
         prev_end = max(prev_end, end)
         lo, hi = max(gap_lo, page_up(lo_need)), min(gap_hi, page_down(hi_need))

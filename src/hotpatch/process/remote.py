@@ -67,12 +67,6 @@ I386_SYSCALLS: Final = Syscalls(
     membarrier=375,
 )  # fmt: skip
 
-SYS_CLOSE: Final = X86_64_SYSCALLS.close
-SYS_MMAP: Final = X86_64_SYSCALLS.mmap
-SYS_MPROTECT: Final = X86_64_SYSCALLS.mprotect
-SYS_MUNMAP: Final = X86_64_SYSCALLS.munmap
-SYS_FTRUNCATE: Final = X86_64_SYSCALLS.ftruncate
-SYS_MEMFD_CREATE: Final = X86_64_SYSCALLS.memfd_create
 
 PROT_READ: Final = 1
 PROT_WRITE: Final = 2

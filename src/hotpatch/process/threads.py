@@ -24,6 +24,10 @@ from .ptrace import PtraceError, Regs
 GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 ERESTART_CODES = frozenset({-512, -513, -514, -516})  # ERESTARTSYS/NOINTR/NOHAND/_RESTARTBLOCK
 STOP_TIMEOUT_S = 2.0
+RELEASE_TIMEOUT_S = 60.0
+"""How long :meth:`World.release` waits for a thread it interrupted to stop, so as to detach it: a thread
+that cannot stop now (in a killable-only sleep such as a vfork parent's, or starved of CPU) still takes the
+interrupt's stop later, and with the tracer alive (an API caller) nobody would resume it."""
 
 
 class Thread:
@@ -175,9 +179,9 @@ class World:
         if not self.threads:
             raise TargetError(f"PID {self.pid} exited")
 
-    def _wait_stopped(self, tid: int) -> None:
+    def _wait_stopped(self, tid: int, timeout: float = STOP_TIMEOUT_S) -> None:
         th = self.threads[tid]
-        deadline = time.monotonic() + STOP_TIMEOUT_S
+        deadline = time.monotonic() + timeout
         while not th.stopped:
             try:
                 status = ptrace.wait_until(tid, deadline)
@@ -185,7 +189,7 @@ class World:
                 del self.threads[tid]
                 return
             if status is None:
-                raise TargetError(f"thread {tid} of PID {self.pid} did not stop within {STOP_TIMEOUT_S:g} s")
+                raise TargetError(f"thread {tid} of PID {self.pid} did not stop within {timeout:g} s")
             self._on_status(th, status)
 
     def _on_status(self, th: Thread, status: int) -> None:
@@ -225,7 +229,8 @@ class World:
             th.dirty = False
 
     def release(self) -> None:
-        """Detach from every thread, delivering kept signals; never raises for threads that vanished."""
+        """Detach from every thread, delivering kept signals; never raises for threads that vanished. A thread
+        still running is interrupted and waited for (up to RELEASE_TIMEOUT_S), as PTRACE_DETACH needs a stop."""
         for th in list(self.threads.values()):
             try:
                 if th.stopped:
@@ -234,7 +239,7 @@ class World:
                 else:
                     # a running tracee must be stopped before PTRACE_DETACH
                     ptrace.interrupt(th.tid)
-                    self._wait_stopped(th.tid)
+                    self._wait_stopped(th.tid, RELEASE_TIMEOUT_S)
                     if th.tid in self.threads:
                         ptrace.detach(th.tid, th.signal)
             except (PtraceError, TargetError):

@@ -31,13 +31,12 @@ import struct
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from . import stub
+from . import stub, stub32
 
 PAGE = 4096
 SELF_LOOP = b"\xeb\xfe"  # jmp $ (rel8 -2)
 CACHE_LINE = 64
 
-SYS_MPROTECT, SYS_RT_SIGPROCMASK, SYS_NANOSLEEP, SYS_CLOCK_GETTIME, SYS_MEMBARRIER = 10, 14, 35, 228, 324
 SIG_SETMASK = 2
 CLOCK_MONOTONIC = 1
 MEMBARRIER_SYNC_CORE = 1 << 5  # include/uapi/linux/membarrier.h
@@ -88,10 +87,33 @@ def pages_of(edits: Sequence[Edit]) -> list[int]:
     return sorted(out)
 
 
-class _Asm:
-    """A few x86-64 instructions with forward labels (rel32 jumps)."""
+class _Sys(NamedTuple):
+    """System call numbers and conventions of one bitness."""
 
-    def __init__(self) -> None:
+    mprotect: int
+    sigprocmask: int
+    nanosleep: int
+    clock_gettime: int
+    membarrier: int
+    args: tuple[str, ...]  # registers of arguments 1-4
+    insn: bytes  # the system call instruction
+
+
+_SYS = {
+    64: _Sys(10, 14, 35, 228, 324, ("rdi", "rsi", "rdx", "r10"), b"\x0f\x05"),  # syscall_64.tbl; syscall
+    32: _Sys(125, 175, 162, 265, 375, ("rbx", "rcx", "rdx", "rsi"), b"\xcd\x80"),  # syscall_32.tbl; int $0x80
+}
+# registers the program keeps across system calls: the error, the outcome, a scratch one
+_ERR, _OUT, _TMP = {64: "r12", 32: "rdi"}, {64: "rbx", 32: "rbp"}, {64: "rbx", 32: "rcx"}
+
+
+class _Asm:
+    """A few x86 instructions of ``bitness``-bit code (64, or 32 for i386) with forward labels (rel32 jumps).
+    Register names are the 64-bit ones; in 32-bit code they mean their low halves."""
+
+    def __init__(self, bitness: int) -> None:
+        self.bitness = bitness
+        self.sys = _SYS[bitness]
         self.code = bytearray()
         self.labels: dict[str, int] = {}
         self.fixups: list[tuple[int, str]] = []
@@ -99,15 +121,22 @@ class _Asm:
     def emit(self, data: bytes) -> None:
         self.code += data
 
-    def mov(self, reg: str, value: int) -> None:  # MOV r64, imm64: REX.W(+B) B8+r io
+    def wide(self, data: bytes) -> None:
+        """Emit ``data``, with REX.W first in 64-bit code (a 64-bit operand; 32-bit in i386 code)."""
+        self.emit((b"\x48" if self.bitness == 64 else b"") + data)
+
+    def mov(self, reg: str, value: int) -> None:
         n = _REG[reg]
-        self.emit(bytes([0x49 if n >= 8 else 0x48, 0xB8 + (n & 7)]) + struct.pack("<Q", value & (2**64 - 1)))
+        if self.bitness == 32:  # MOV r32, imm32: B8+rd id
+            self.emit(bytes([0xB8 + n]) + struct.pack("<I", value & 0xFFFF_FFFF))
+        else:  # MOV r64, imm64: REX.W(+B) B8+r io
+            self.emit(bytes([0x49 if n >= 8 else 0x48, 0xB8 + (n & 7)]) + struct.pack("<Q", value & (2**64 - 1)))
 
     def syscall(self, nr: int, *args: int) -> None:
-        for reg, value in zip(("rdi", "rsi", "rdx", "r10"), args, strict=False):
+        for reg, value in zip(self.sys.args, args, strict=False):
             self.mov(reg, value)
         self.mov("rax", nr)
-        self.emit(b"\x0f\x05")
+        self.emit(self.sys.insn)
 
     def store16(self, addr: int, value: bytes) -> None:
         self.mov("rax", addr)
@@ -116,6 +145,18 @@ class _Asm:
     def store8(self, addr: int, value: int) -> None:
         self.mov("rax", addr)
         self.emit(bytes([0xC6, 0x00, value]))  # mov byte [rax], imm8
+
+    def store_reg32(self, addr: int, reg: str) -> None:
+        """mov dword [addr], reg (its low 32 bits)."""
+        self.mov("rax", addr)
+        n = _REG[reg]
+        self.emit((b"\x44" if n >= 8 else b"") + bytes([0x89, (n & 7) << 3]))  # mov [rax], r32
+
+    def error_from_rax(self) -> None:
+        """mov err, rax: 89 /r with rax in ModRM.reg (REX.W, and REX.B for r8-r15, in 64-bit code)."""
+        n = _REG[_ERR[self.bitness]]
+        rex = bytes([0x48 | (n >> 3)]) if self.bitness == 64 else b""
+        self.emit(rex + bytes([0x89, 0xC0 | (n & 7)]))
 
     def jump(self, opcode: bytes, label: str) -> None:
         self.emit(opcode)
@@ -135,27 +176,55 @@ JMP, JE, JNE, JS, JGE = b"\xe9", b"\x0f\x84", b"\x0f\x85", b"\x0f\x88", b"\x0f\x
 
 
 def _sync(a: _Asm) -> None:
-    a.syscall(SYS_MEMBARRIER, MEMBARRIER_SYNC_CORE, 0, 0)
+    a.syscall(a.sys.membarrier, MEMBARRIER_SYNC_CORE, 0, 0)
 
 
 def _first_words(a: _Asm, edits: Sequence[Edit], new: bool, outcome: int) -> None:
-    """Store each key's new (or old) first word, sync, and go to the end with ``outcome`` in rbx."""
+    """Store each key's new (or old) first word, sync, and go to the end with ``outcome``."""
     for e in edits:
         k = e.key - e.address
         a.store16(e.key, (e.new if new else e.old)[k : k + 2])
     _sync(a)
-    a.mov("rbx", outcome)
+    a.mov(_OUT[a.bitness], outcome)
     a.jump(JMP, "unprotect")
 
 
+def _wait_for_go(a: _Asm, data: int, wait_s: int) -> None:
+    """Protocol R: publish ARMED, then poll D_GO every NAP_NS until COMMIT (go to ``commit``), ABORT or
+    ``wait_s`` seconds of CLOCK_MONOTONIC (go to ``abort``). The timespecs are the bitness's own
+    (``struct timespec``: two longs)."""
+    a.mov("rax", data + D_STATE)
+    a.emit(b"\xc7\x00" + struct.pack("<I", ARMED))  # mov dword [rax], ARMED
+    a.syscall(a.sys.clock_gettime, CLOCK_MONOTONIC, data + D_START)
+    a.label("wait")
+    a.mov("rax", data + D_GO)
+    a.emit(b"\x8b\x00")  # mov eax, [rax]
+    a.emit(bytes([0x83, 0xF8, GO_COMMIT]))  # cmp eax, imm8
+    a.jump(JE, "commit")
+    a.emit(bytes([0x83, 0xF8, GO_ABORT]))
+    a.jump(JE, "abort")
+    a.syscall(a.sys.nanosleep, data + D_NAP, 0)
+    a.syscall(a.sys.clock_gettime, CLOCK_MONOTONIC, data + D_NOW)
+    a.mov("rax", data + D_NOW)
+    a.wide(b"\x8b\x00")  # mov rax, [rax]: tv_sec
+    tmp = _REG[_TMP[a.bitness]]
+    a.mov(_TMP[a.bitness], data + D_START)
+    a.wide(bytes([0x2B, tmp]))  # sub rax, [tmp] (ModRM mod 00, reg rax, rm tmp: rbx or ecx, never rsp/rbp)
+    a.wide(b"\x3d" + struct.pack("<i", wait_s))  # cmp rax, imm32
+    a.jump(JGE, "abort")
+    a.jump(JMP, "wait")
+
+
 def build(
-    data: int,
+    area: int,
     edits: Sequence[Edit],
     prot: dict[int, int],
     resume: stub.Registers,
     wait_s: int | None,
+    bitness: int = 64,
 ) -> bytes:
-    """The program (position-independent, < PAGE bytes for up to ~40 edits) for a data page at ``data``.
+    """The program (< PAGE bytes for up to ~40 edits) for ``bitness``-bit code (64, or 32 for an i386
+    target) at ``area``, with its data page at ``area + PAGE``.
 
     ``prot``: the protection (``PROT_*`` bits) to put back on each page of :func:`pages_of`; ``resume``: the
     registers the thread goes back to (syscall restart already applied, ``orig_rax`` = -1); ``wait_s``: None
@@ -166,45 +235,29 @@ def build(
         k = e.key - e.address
         if not key_fits(e.key) or not 0 <= k <= len(e.new) - 2:
             raise ValueError(f"no atomic 2-byte store possible at {e.key:#x}")
-    a = _Asm()
-    a.mov("r12", 0)
-    a.syscall(SYS_RT_SIGPROCMASK, SIG_SETMASK, data + D_ALL, data + D_OLDMASK, 8)
+    data = area + PAGE
+    a = _Asm(bitness)
+    err, out = _ERR[bitness], _OUT[bitness]
+    a.mov(err, 0)
+    a.syscall(a.sys.sigprocmask, SIG_SETMASK, data + D_ALL, data + D_OLDMASK, 8)
     _sync(a)
-    a.emit(b"\x48\x83\xf8" + bytes([(-EPERM) & 0xFF]))  # cmp rax, -EPERM
+    a.wide(b"\x83\xf8" + bytes([(-EPERM) & 0xFF]))  # cmp rax, -EPERM
     a.jump(JNE, "synced")
-    a.syscall(SYS_MEMBARRIER, MEMBARRIER_REGISTER_SYNC_CORE, 0, 0)
+    a.syscall(a.sys.membarrier, MEMBARRIER_REGISTER_SYNC_CORE, 0, 0)
     _sync(a)
     a.label("synced")
-    a.emit(b"\x48\x85\xc0")  # test rax, rax
+    a.wide(b"\x85\xc0")  # test rax, rax
     a.jump(JS, "failed_early")
     for page in prot:
-        a.syscall(SYS_MPROTECT, page, PAGE, PROT_RWX)
-        a.emit(b"\x48\x85\xc0")
+        a.syscall(a.sys.mprotect, page, PAGE, PROT_RWX)
+        a.wide(b"\x85\xc0")
         a.jump(JS, "failed")
     looped = [e for e in edits if needs_loop(e)]
     for e in looped:
         a.store16(e.key, SELF_LOOP)
     _sync(a)
     if wait_s is not None:
-        a.mov("rax", data + D_STATE)
-        a.emit(b"\xc7\x00" + struct.pack("<I", ARMED))  # mov dword [rax], ARMED
-        a.syscall(SYS_CLOCK_GETTIME, CLOCK_MONOTONIC, data + D_START)
-        a.label("wait")
-        a.mov("rax", data + D_GO)
-        a.emit(b"\x8b\x00")  # mov eax, [rax]
-        a.emit(bytes([0x83, 0xF8, GO_COMMIT]))  # cmp eax, imm8
-        a.jump(JE, "commit")
-        a.emit(bytes([0x83, 0xF8, GO_ABORT]))
-        a.jump(JE, "abort")
-        a.syscall(SYS_NANOSLEEP, data + D_NAP, 0)
-        a.syscall(SYS_CLOCK_GETTIME, CLOCK_MONOTONIC, data + D_NOW)
-        a.mov("rax", data + D_NOW)
-        a.emit(b"\x48\x8b\x00")  # mov rax, [rax]
-        a.mov("rbx", data + D_START)
-        a.emit(b"\x48\x2b\x03")  # sub rax, [rbx]
-        a.emit(b"\x48\x3d" + struct.pack("<i", wait_s))  # cmp rax, imm32
-        a.jump(JGE, "abort")
-        a.jump(JMP, "wait")
+        _wait_for_go(a, data, wait_s)
     a.label("commit")
     for e in edits:
         k = e.key - e.address
@@ -216,29 +269,33 @@ def build(
     a.label("abort")
     _first_words(a, looped, new=False, outcome=ABORTED)
     a.label("failed")
-    a.emit(b"\x49\x89\xc4")  # mov r12, rax
-    a.mov("rbx", FAILED)
+    a.error_from_rax()
+    a.mov(out, FAILED)
     a.label("unprotect")
     for page, p in prot.items():
-        a.syscall(SYS_MPROTECT, page, PAGE, p)
+        a.syscall(a.sys.mprotect, page, PAGE, p)
     a.jump(JMP, "out")
     a.label("failed_early")
-    a.emit(b"\x49\x89\xc4")
-    a.mov("rbx", FAILED)
+    a.error_from_rax()
+    a.mov(out, FAILED)
     a.label("out")
-    a.syscall(SYS_RT_SIGPROCMASK, SIG_SETMASK, data + D_OLDMASK, 0, 8)
-    a.mov("rax", data + D_ERR)
-    a.emit(b"\x4c\x89\x20")  # mov [rax], r12
-    a.mov("rax", data + D_STATE)
-    a.emit(b"\x89\x18")  # mov [rax], ebx: the outcome, published last
-    a.mov("rsp", resume.rsp)
-    a.emit(stub.build(resume)[len(stub.SYSCALL) :])
+    a.syscall(a.sys.sigprocmask, SIG_SETMASK, data + D_OLDMASK, 0, 8)
+    a.store_reg32(data + D_ERR, err)
+    a.store_reg32(data + D_STATE, out)  # the outcome, published last
+    if bitness == 64:
+        a.mov("rsp", resume.rsp)
+        a.emit(stub.build(resume)[len(stub.SYSCALL) :])
+    else:
+        a.emit(b"\xbc" + struct.pack("<I", resume.rsp & 0xFFFF_FFFF))  # mov esp, imm32
+        here = area + len(a.code)
+        a.emit(stub32.build(resume, here - len(stub32.INT80))[len(stub32.INT80) :])
     return a.done()
 
 
-def data_page() -> bytes:
-    """The initial contents of the data page (``DATA_SIZE`` bytes)."""
+def data_page(bitness: int = 64) -> bytes:
+    """The initial contents of the data page (``DATA_SIZE`` bytes) for ``bitness``-bit code: every signal in
+    the mask to block, the nap's ``struct timespec`` (two ``long``)."""
     out = bytearray(DATA_SIZE)
     struct.pack_into("<Q", out, D_ALL, 2**64 - 1)
-    struct.pack_into("<qq", out, D_NAP, 0, NAP_NS)
+    struct.pack_into("<qq" if bitness == 64 else "<ii", out, D_NAP, 0, NAP_NS)
     return bytes(out)

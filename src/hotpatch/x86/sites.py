@@ -3,8 +3,8 @@
 Hotpatch-ready and opportunistic sites get a *short jump* ``EB rel8`` over one instruction of at least 2
 bytes (the *key*), into a long ``E9 rel32`` written in 5 never-executed bytes just before the entry (seed 001:
 ``mov edi,edi`` becomes ``EB F9``, the 5 bytes before hold ``E9 rel32``). They are written with protocol A
-(no stop; :mod:`hotpatch.livecommit`). Ordinary sites get the 5-byte jump over the first instructions (:mod:`.prologue`), written
-with protocol R (rolling) or B (stop the world).
+(no stop; :mod:`hotpatch.livecommit`). Ordinary sites get the 5-byte jump over the first instructions
+(:mod:`.prologue`), written with protocol R (rolling) or B (stop the world).
 
 Classes, checked in this order:
 
