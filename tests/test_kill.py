@@ -21,6 +21,15 @@ Exact points. A small script runs the CLI with one internal function wrapped so 
 itself right after it (fault injection on a real process; nothing is mocked): right after the site bytes
 are written, with a thread blocked in a system call inside the overwritten bytes (``targets/kill_blocked.c``),
 and right after the tool redirected a thread for an injected system call or resumed it into the call.
+
+Protocol A (no stop). ``targets/kill_ready.c`` is built with ``hotpatch cflags``, so its ``compute`` is a
+hotpatch-ready (patchable-entry) site that ``auto`` writes with protocol A: a thread of the target runs the
+commit program, which needs no tool to finish. The tool is SIGKILLed right after it launched that program,
+and at other exact points (before it picked the program's thread, with that thread stopped, after the program
+ended, after its pages were unmapped; during revert too) and at timed points. Then: the target runs, no thread
+stopped, no tracer; the code settles fully old or fully new (the program completes on its own; never a
+half-written padding or key); every worker's calls begun after that return the matching value; ``status``
+agrees; apply and revert then work, with protocol A.
 """
 
 from __future__ import annotations
@@ -54,9 +63,10 @@ REVERT_COMMIT_POINTS = 3
 REVERT_AFTER_COMMIT = (0.0,)
 
 # Runs `hotpatch ARGV[2:]` with the function named by ARGV[1] ("package.module.function" or
-# "package.module.Class:method") wrapped so that the process SIGKILLs itself right after its first call.
+# "package.module.Class:method") wrapped so that the process SIGKILLs itself right after its first call
+# (which it starts HOTPATCH_TEST_DELAY_S seconds late when that is set).
 FAULT_SCRIPT = """\
-import importlib, os, signal, sys
+import importlib, os, signal, sys, time
 where = sys.argv[1]
 module, _, attr = where.rpartition(".")
 owner_name, _, method = attr.partition(":")
@@ -65,6 +75,7 @@ owner = getattr(mod, owner_name) if method else mod
 name = method or owner_name
 original = getattr(owner, name)
 def then_die(*args, **kwargs):
+    time.sleep(float(os.environ.get("HOTPATCH_TEST_DELAY_S", "0")))
     result = original(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGKILL)
     return result
@@ -472,4 +483,287 @@ def test_repeated_kills_during_injection_leave_room_for_the_stub(tmp_path: Path,
         wait_running(t)
     cli_ok("apply", "--pid", t.pid, patch)
     cli_ok("revert", "--pid", t.pid, "--all")
+    finish(t)
+
+
+# -- protocol A (a hotpatch-ready target) ----------------------------------------------------------------
+
+READY_PATCH_SOURCE = """\
+#include <hotpatch.h>
+long compute(long x);
+long compute(long x) { return HOTPATCH_ORIGINAL(compute)(x) + 1; }
+"""
+READY_PAD = 14  # NOPs before the entry of a function built with -fpatchable-function-entry=16,14
+SHORT_JUMP = b"\xeb\xf9"  # jmp entry-5 (DESIGN.md §4)
+SETTLE_S = 0.02
+
+
+class ReadyTarget(Target):
+    """kill_ready running: ``function`` is the entry of ``compute``; ``original`` its bytes from READY_PAD
+    before the entry to its end (the padding the patch writes into, then the function)."""
+
+
+@pytest.fixture(scope="module")
+def ready_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """kill_ready built with ``hotpatch cflags``, and the patch file for it (built once for the module)."""
+    tmp = tmp_path_factory.mktemp("ready")
+    flags = run_cli("cflags").stdout.split()
+    assert flags, "hotpatch cflags printed nothing"
+    exe = compile_program(TARGETS / "kill_ready.c", tmp / "kill_ready", *flags)
+    src = tmp / "ready_patch.c"
+    src.write_text(READY_PATCH_SOURCE)
+    patch = tmp / "ready_patch.hp"
+    cli_ok("build", src, "--target", exe, "-o", patch, "--name", PATCH_NAME)
+    return exe, patch
+
+
+def start_ready_target(ready_build: tuple[Path, Path], procs: Procs) -> tuple[ReadyTarget, Path]:
+    """kill_ready running with its four checking threads, and its patch file."""
+    exe, patch = ready_build
+    code = function_bytes(exe, "compute")
+    with open(exe, "rb") as f:  # the padding before the entry, from the file
+        elf = ELFFile(f)
+        sym = elf.get_section_by_name(".symtab").get_symbol_by_name("compute")[0]  # type: ignore[union-attr]
+        text = elf.get_section_by_name(".text")
+        assert text is not None
+        f.seek(int(text["sh_offset"]) + int(sym["st_value"]) - int(text["sh_addr"]) - READY_PAD)
+        pad = f.read(READY_PAD)
+    assert pad == b"\x90" * READY_PAD and code[:2] == b"\x90\x90", "not a patchable-entry layout"
+    proc = procs.start(exe, stdin=subprocess.PIPE)
+    line = wait_for_line(proc, lambda s: s.startswith("addr compute "))
+    wait_for_line(proc, lambda s: s.strip() == "ready")
+    t = ReadyTarget(proc, int(line.split()[2], 16), pad + code)
+    assert ready_code(t) == t.original
+    return t, patch
+
+
+def ready_code(t: ReadyTarget) -> bytes:
+    """The target's bytes of ``compute``, its padding included."""
+    with open(f"/proc/{t.pid}/mem", "rb") as mem:
+        mem.seek(t.function - READY_PAD)
+        return mem.read(len(t.original))
+
+
+def ready_code_state(t: ReadyTarget) -> str:
+    """``original`` (the entry's two NOPs; the padding original, or a retained ``E9`` into executable memory
+    no thread can reach any more) or ``jump`` (``EB F9`` at the entry, ``E9 rel32`` into executable memory
+    in the padding); everything else untouched. Fails on anything else (a torn key, a
+    half-written padding under a short jump)."""
+    code, orig, e = ready_code(t), t.original, READY_PAD
+    assert code[: e - JUMP_LEN] == orig[: e - JUMP_LEN], f"padding changed before entry-5: {code.hex()}"
+    assert code[e + 2 :] == orig[e + 2 :], f"bytes after the key changed: {code.hex()}"
+    pad, key = code[e - JUMP_LEN : e], code[e : e + 2]
+    if pad != orig[e - JUMP_LEN : e]:
+        assert pad[0] == 0xE9, f"padding neither original nor a jump: {code.hex()}"
+        dest = t.function + int.from_bytes(pad[1:], "little", signed=True)
+        assert any(lo <= dest < hi for lo, hi in executable_ranges(t.pid)), f"jump to non-executable {dest:#x}"
+    if key == orig[e : e + 2]:
+        return "original"
+    assert key == SHORT_JUMP and pad[0] == 0xE9, f"neither the original key nor a short jump: {code.hex()}"
+    return "jump"
+
+
+def main_in_read(pid: int) -> bool:
+    """True when the main thread is blocked in read(2) (/proc/PID/task/PID/syscall starts with 0)."""
+    with open(f"/proc/{pid}/task/{pid}/syscall") as f:
+        return f.read().split()[0] == "0"
+
+
+def settle(t: ReadyTarget, timeout: float = 5.0) -> None:
+    """Wait until a commit program a killed tool left running has ended on its own: the main thread (the
+    only one asleep, so the one hotpatch runs the program in) is back in its read(2) and the code of
+    ``compute`` did not change for SETTLE_S. (The program's first commit in a process registers for
+    membarrier first, which can take tens of milliseconds on a loaded machine.)"""
+    deadline = time.monotonic() + timeout
+    before = ready_code(t)
+    while True:
+        was_reading = main_in_read(t.pid)
+        time.sleep(SETTLE_S)
+        now = ready_code(t)
+        if now == before and was_reading and main_in_read(t.pid):
+            return
+        assert time.monotonic() < deadline, f"the program never ended: code of compute {now.hex()}"
+        before = now
+
+
+def probe(t: ReadyTarget) -> list[tuple[int, int]]:
+    """Per worker: (calls made, 1 when its last result was the patched one)."""
+    assert t.proc.poll() is None, target_failure(t)
+    assert t.proc.stdin is not None
+    t.proc.stdin.write(b"probe\n")
+    t.proc.stdin.flush()
+    line = wait_for_line(t.proc, lambda s: s.startswith(("probe", "WRONG")))
+    assert line.startswith("probe"), line
+    return [(int(c), int(k)) for c, k in (w.split(":") for w in line.split()[1:])]
+
+
+def ready_behaviour(t: ReadyTarget, timeout: float = 5.0) -> str:
+    """``old`` or ``new``: what every worker's calls begun after now return (a worker counts once it made two
+    more calls: its latest then started after this look); fails when the workers disagree."""
+    first = probe(t)
+    deadline = time.monotonic() + timeout
+    while True:
+        now = probe(t)
+        if all(c >= c0 + 2 for (c, _), (c0, _) in zip(now, first, strict=True)):
+            break
+        assert time.monotonic() < deadline, f"workers made no calls: {first} then {now}"
+        time.sleep(0.005)
+    kinds = {k for _, k in now}
+    assert len(kinds) == 1, f"workers disagree on compute: {now}"
+    return "new" if kinds == {1} else "old"
+
+
+def ready_check_consistent(t: ReadyTarget, cli: bool = False) -> str:
+    """After the code settled: the target runs untraced, the code is fully old or new, the workers get the
+    matching value, and status (``hotpatch status`` when ``cli``, else the same in-process: quicker) agrees;
+    returns ``applied`` or ``absent``."""
+    wait_running(t)
+    settle(t)
+    code = ready_code_state(t)
+    st = status_state(t) if cli else api_state(t)
+    assert (st, code) in (("applied", "jump"), ("absent", "original")), f"status {st} but code {code}"
+    assert ready_behaviour(t) == {"jump": "new", "original": "old"}[code]
+    assert ready_code_state(t) == code
+    wait_running(t)
+    return st
+
+
+def cli_protocol_a(*args: object) -> None:
+    """Run an apply or revert that must succeed with protocol A."""
+    out = cli_ok(*args)
+    assert "protocol A" in out, f"hotpatch {' '.join(map(str, args))}: {out.strip()}"
+
+
+def api_apply(t: ReadyTarget, patch: Path) -> None:
+    """Apply in-process; it must succeed with protocol A."""
+    with hotpatch.attach(t.pid) as h:
+        assert h.apply(str(patch)).protocol == "A"
+
+
+def api_revert(t: ReadyTarget) -> None:
+    """Revert everything in-process; it must succeed with protocol A."""
+    with hotpatch.attach(t.pid) as h:
+        assert [r.protocol for r in h.revert(None)] == ["A"]
+
+
+def ready_round_trip(t: ReadyTarget, patch: Path, state: str) -> None:
+    """From ``state``, revert (the command line) and apply (in-process) with protocol A, each checked, and
+    end with nothing applied."""
+    if state == "applied":
+        cli_protocol_a("revert", "--pid", t.pid, "--all")
+        assert ready_check_consistent(t) == "absent"
+        api_apply(t, patch)
+    else:
+        cli_protocol_a("apply", "--pid", t.pid, patch)
+    assert ready_check_consistent(t) == "applied"
+    api_revert(t)
+    assert ready_check_consistent(t) == "absent"
+
+
+READY_POINTS = [  # (command, function after whose first call the tool dies, the state the target ends in)
+    ("apply", "hotpatch.livecommit.LiveCommit:_launch", "applied"),  # the program runs on its own
+    ("apply", "hotpatch.process.live.LiveWorld:seize", "absent"),  # every thread seized, none stopped
+    ("apply", "hotpatch.livecommit.LiveCommit:_runner", "absent"),  # the program's thread stopped, not launched
+    ("apply", "hotpatch.livecommit.LiveCommit:_follow", "applied"),  # program done, its pages still mapped
+    ("apply", "hotpatch.livecommit.LiveCommit:_unmap", "applied"),  # program done, the record not updated
+    ("revert", "hotpatch.livecommit.LiveCommit:_launch", "absent"),
+    ("revert", "hotpatch.livecommit.LiveCommit:_follow", "absent"),
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "where", "expected"),
+    READY_POINTS,
+    ids=[f"{c}-{w.rpartition('.')[2].replace(':', '.')}" for c, w, _ in READY_POINTS],
+)
+def test_sigkill_of_no_stop_commit(
+    ready_build: tuple[Path, Path], tmp_path: Path, procs: Procs, command: str, where: str, expected: str
+) -> None:
+    """Protocol A on a hotpatch-ready target: the tool dies right after it launched the commit program in a
+    thread of the target (or at another exact point). The program completes on its own: the target runs
+    untraced, the code is fully old or fully new as the point implies, every worker gets the matching value,
+    status agrees, and apply and revert then work with protocol A; no thread ever saw a wrong value."""
+    t, patch = start_ready_target(ready_build, procs)
+    if command == "revert":
+        api_apply(t, patch)
+        assert ready_check_consistent(t) == "applied"
+        args: list[object] = ["revert", "--pid", t.pid, "--all"]
+    else:
+        args = ["apply", "--pid", t.pid, patch]
+    run_and_die_after(procs, tmp_path, where, *args)
+    assert ready_check_consistent(t, cli=True) == expected
+    ready_round_trip(t, patch, expected)
+    finish(t)
+
+
+READY_FRACTIONS = (0.5, 0.8, 0.9, 0.95, 0.98)
+READY_COMMIT_POINTS = 5  # kills spread over the time every thread is seized (traced, running)
+READY_AFTER = (0.0, 0.0005)
+
+
+def test_sigkill_of_no_stop_apply_at_timed_points(ready_build: tuple[Path, Path], procs: Procs) -> None:
+    """Protocol A on a hotpatch-ready target: SIGKILL of apply at 12 timed points (fractions of its
+    duration, into the window where every thread is seized, after it): each time the code settles fully old
+    or fully new with the matching behaviour and status, never partial, and the next revert or apply works
+    with protocol A."""
+    t, patch = start_ready_target(ready_build, procs)
+    apply_args = ["apply", "--pid", str(t.pid), str(patch)]
+    normal = []
+    for _ in range(3):
+        normal.append(run_watched(procs, t, apply_args))
+        assert ready_check_consistent(t, cli=True) == "applied"
+        api_revert(t)
+        assert ready_check_consistent(t) == "absent"
+    seen = {"applied": 0, "absent": 0, "finished": 0}
+    outcomes = []
+    for point in kill_points(normal, READY_FRACTIONS, READY_COMMIT_POINTS, READY_AFTER):
+        try:
+            killed = kill_tool(procs, t, apply_args, point)
+            state = ready_check_consistent(t)
+            seen[state if killed else "finished"] += 1
+            outcomes.append((point[0], round(point[1] * 1e3, 2), state if killed else "finished"))
+            if state == "absent":  # apply works after the kill
+                api_apply(t, patch)
+                assert ready_check_consistent(t) == "applied"
+            api_revert(t)  # revert works after the kill (or the apply)
+            assert ready_code_state(t) == "original" and ready_behaviour(t) == "old"
+        except AssertionError as e:
+            e.add_note(f"after SIGKILL of apply at {point}")
+            raise
+    assert seen["applied"] and seen["absent"], f"kills never landed on both sides of the commit: {outcomes}"
+    print(f"kills of a protocol A apply (kind, ms, outcome): {outcomes}")
+    finish(t)
+
+
+def test_command_waiting_for_the_lock_when_a_no_stop_apply_is_killed(
+    ready_build: tuple[Path, Path], tmp_path: Path, procs: Procs
+) -> None:
+    """A revert waiting for the lock while an apply launches protocol A's program and is SIGKILLed at once:
+    the revert runs before the program's first store (its membarrier registration takes ms), when the code
+    still looks untouched. It must wait for the program (a thread's RIP is in its page) and then see the
+    patch applied — not drop the record and free the patch's memory, after which the program wrote jumps
+    into nothing (the target died of SIGSEGV or hung on `EB F9` over restored NOPs: 5 of 5 runs before
+    ``livecommit.settle_programs``)."""
+    t, patch = start_ready_target(ready_build, procs)
+    script = tmp_path / "die_after.py"
+    script.write_text(FAULT_SCRIPT)
+    tool1 = procs.start(
+        sys.executable,
+        script,
+        "hotpatch.livecommit.LiveCommit:_launch",
+        "apply",
+        "--pid",
+        t.pid,
+        patch,
+        env={**os.environ, "HOTPATCH_TEST_DELAY_S": "1.0"},
+    )
+    deadline = time.monotonic() + 30
+    while tracer_of(t.pid) != tool1.pid:  # tool 1 holds the lock and the seized threads, before _launch
+        assert tool1.poll() is None and time.monotonic() < deadline, "tool 1 never reached the commit"
+        time.sleep(0.01)
+    out = cli_ok("revert", "--pid", t.pid, "--all")  # waits for the lock, runs the moment tool 1 dies
+    assert tool1.wait(timeout=30) == -signal.SIGKILL
+    assert "reverted" in out and "protocol A" in out, out
+    assert ready_check_consistent(t, cli=True) == "absent"
+    ready_round_trip(t, patch, "absent")
     finish(t)

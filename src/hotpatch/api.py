@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 from . import state as statemod
 from .errors import HotpatchError, PatchFileError, SiteError, StateError, TargetError, UpToDateError
-from .livecommit import LiveCommit, RollingTimeout, wait_settled
+from .livecommit import LiveCommit, RollingTimeout, settle_programs, wait_settled
 from .loader import Layout, load
 from .modules import ModuleSet
 from .patch.bundle import PatchFile
@@ -181,6 +181,7 @@ class Target:
 
     def _record(self, maps: list[Mapping]) -> tuple[int | None, Record]:
         """The state mapping's address and record, once no commit program of a killed tool still runs."""
+        settle_programs(self.pid, self.mem, maps)
         addr = statemod.find_region(maps)
         record = statemod.read(self.mem, addr)
         keys = [r[0] for r in record.retired if len(r) > 2 and not r[2].startswith(SELF_LOOP.hex())]

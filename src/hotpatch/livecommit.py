@@ -21,6 +21,7 @@ Catchable signals are blocked in the tool while the window is open.
 from __future__ import annotations
 
 import bisect
+import itertools
 import os
 import struct
 import time
@@ -61,6 +62,60 @@ def wait_settled(mem: Memory, keys: Sequence[int]) -> None:
         if time.monotonic() > deadline:
             raise TargetError(f"a commit is still running in the target (self-loop at {busy[0]:#x})")
         time.sleep(0.001)
+
+
+def _left_programs(mem: Memory, maps: list[Mapping]) -> list[int]:
+    """The code pages of commit programs not known to have ended: the last page of an anonymous ``r-x``
+    mapping directly followed by an anonymous ``rw-`` page holding ``selfloop.MAGIC`` whose ``D_STATE`` is not
+    final (the kernel may merge either page with a neighbour of the same kind)."""
+    out = []
+    for code, data in itertools.pairwise(maps):
+        if code.path or data.path or code.perms[:3] != "r-x" or data.perms[:3] != "rw-" or data.start != code.end:
+            continue
+        head = mem.try_read(data.start, selfloop.DATA_SIZE)
+        magic = head[selfloop.D_MAGIC : selfloop.D_MAGIC + len(selfloop.MAGIC)] if head else b""
+        if head and magic == selfloop.MAGIC and head[selfloop.D_STATE] not in selfloop.FINAL:
+            out.append(code.end - selfloop.PAGE)
+    return out
+
+
+def settle_programs(pid: int, mem: Memory, maps: list[Mapping]) -> None:
+    """Wait for every commit program a killed tool left in ``pid`` to end, before anything is read from the
+    code or the record: between its launch and its first store (a membarrier registration can take ms), the
+    sites still look untouched, and a command that freed the patch's memory then would let the program
+    write jumps into nothing.
+
+    A program is running iff a thread's RIP is in its code page (the tool points the thread there before it
+    lets it go; the program publishes its outcome before it leaves): threads are looked at one at a time.
+    One no thread is in never ran, and never will: it is marked ABANDONED. Raises TargetError when a running
+    one does not end within PROGRAM_TIMEOUT_S."""
+    pending = _left_programs(mem, maps)
+    if not pending:
+        return
+    live: set[int] = set()
+    world = LiveWorld(pid)
+    with signals_blocked():
+        try:
+            world.seize()
+            for tid in list(world.threads):
+                th = world.stop_one(tid)
+                if th is None:
+                    continue
+                assert th.regs is not None
+                live |= {a for a in pending if a <= th.regs.rip < a + selfloop.PAGE}
+                world.resume_one(tid)
+        finally:
+            world.detach_all()
+    deadline = time.monotonic() + PROGRAM_TIMEOUT_S
+    for area in pending:
+        state = area + selfloop.PAGE + selfloop.D_STATE
+        if area not in live:
+            mem.write(state, bytes([selfloop.ABANDONED]))
+            continue
+        while mem.read(state, 1)[0] not in selfloop.FINAL:
+            if time.monotonic() > deadline:
+                raise TargetError(f"a commit left by a killed hotpatch still runs in PID {pid} (program at {area:#x})")
+            time.sleep(0.001)
 
 
 def _prot(maps: list[Mapping], page: int) -> int:

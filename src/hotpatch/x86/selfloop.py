@@ -46,9 +46,11 @@ PROT_RWX = 7
 NAP_NS = 50_000  # the wait loop's sleep between two looks at D_GO
 
 # data page
-D_STATE, D_GO, D_ERR, D_ALL, D_OLDMASK, D_NAP, D_START, D_NOW = 0, 4, 8, 16, 24, 32, 48, 64
-DATA_SIZE = 80
-RUNNING, ARMED, DONE, ABORTED, FAILED = 0, 1, 2, 3, 4  # D_STATE values
+D_STATE, D_GO, D_ERR, D_ALL, D_OLDMASK, D_NAP, D_START, D_NOW, D_MAGIC = 0, 4, 8, 16, 24, 32, 48, 64, 80
+DATA_SIZE = 88
+MAGIC = b"HPCOMMIT"  # at D_MAGIC: how another hotpatch finds a program a killed tool left (livecommit)
+RUNNING, ARMED, DONE, ABORTED, FAILED, ABANDONED = 0, 1, 2, 3, 4, 5  # D_STATE values (ABANDONED: never ran)
+FINAL = frozenset({DONE, ABORTED, FAILED, ABANDONED})
 GO_COMMIT, GO_ABORT = 1, 2  # D_GO values
 
 _REG = {"rax": 0, "rcx": 1, "rdx": 2, "rbx": 3, "rsp": 4, "rbp": 5, "rsi": 6, "rdi": 7}
@@ -298,4 +300,5 @@ def data_page(bitness: int = 64) -> bytes:
     out = bytearray(DATA_SIZE)
     struct.pack_into("<Q", out, D_ALL, 2**64 - 1)
     struct.pack_into("<qq" if bitness == 64 else "<ii", out, D_NAP, 0, NAP_NS)
+    out[D_MAGIC : D_MAGIC + len(MAGIC)] = MAGIC
     return bytes(out)
