@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -85,19 +86,20 @@ def test_ms_hook_prologue_bytes_are_the_seeds(tmp_path: Path, procs: Procs) -> N
         maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
         region = [ln for ln in maps if int(ln.split("-")[0], 16) <= dest < int(ln.split()[0].split("-")[1], 16)]
         assert region and "x" in region[0].split()[1] and str(exe) not in region[0], hex(dest)
-        old0, new0 = read_stats(proc)
-        for _ in range(200):  # the threads now get the new values
-            old1, new1 = read_stats(proc)
-            if new1 > new0:
-                break
-        assert new1 > new0, (old0, new0, old1, new1)
+        new0 = read_stats(proc)[1]
+        deadline = time.monotonic() + 10
+        while (new1 := read_stats(proc)[1]) == new0:  # the threads now get the new values
+            assert time.monotonic() < deadline, "no thread got a new value"
+            time.sleep(0.01)
+        assert new1 > new0
         reps = target.revert("ready32")
         assert reps[0].protocol == "A"
         assert target.status().patches == ()
-        for _ in range(50):  # a padding a preempted thread still stood on is given back by a later command
-            if read(pid, ms.entry - 5, 1) != b"\xe9":
-                break
+        deadline = time.monotonic() + 10
+        while any(read(pid, s.entry - 5, 1) == b"\xe9" for s in sites.values()):  # one a thread stood on:
+            assert time.monotonic() < deadline, "a padding was never given back"  # freed by a later command
             target.revert()
+            time.sleep(0.02)
         for sym, s in sites.items():
             assert read(pid, s.entry - 5, 7) == img.read_vaddr(syms[sym].value - 5, 7), sym
     check_alive(proc, "after apply/revert")
