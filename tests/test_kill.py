@@ -662,7 +662,7 @@ def ready_round_trip(t: ReadyTarget, patch: Path, state: str) -> None:
 
 READY_POINTS = [  # (command, function after whose first call the tool dies, the state the target ends in)
     ("apply", "hotpatch.livecommit.LiveCommit:_launch", "applied"),  # the program runs on its own
-    ("apply", "hotpatch.process.live.LiveWorld:seize", "absent"),  # every thread seized, none stopped
+    ("apply", "hotpatch.process.live.LiveWorld:seize_thread", "absent"),  # A seizes the program's thread alone
     ("apply", "hotpatch.livecommit.LiveCommit:_runner", "absent"),  # the program's thread stopped, not launched
     ("apply", "hotpatch.livecommit.LiveCommit:_follow", "applied"),  # program done, its pages still mapped
     ("apply", "hotpatch.livecommit.LiveCommit:_unmap", "applied"),  # program done, the record not updated

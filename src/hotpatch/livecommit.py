@@ -4,9 +4,10 @@ The stores are made by :mod:`hotpatch.x86.selfloop`'s program, run by one thread
 system call when there is one), so a SIGKILL of the tool at any point never leaves a trap or a half-made change
 behind: the program ends on its own. Steps:
 
-1. All threads are seized and left running (:class:`~hotpatch.process.live.LiveWorld`). One thread, whose
-   registers and stack are clear of the bytes to overwrite, maps a code page and a data page (two injected
-   system calls), and is pointed at the program.
+1. All threads are seized and left running (:class:`~hotpatch.process.live.LiveWorld`) — under protocol A
+   with no memory to watch, only the one that will run the program: no other thread is touched at all. One
+   thread, whose registers and stack are clear of the bytes to overwrite, maps a code page and a data page
+   (two injected system calls), and is pointed at the program. Threads are only ever stopped one at a time.
 2. The program puts ``EB FE`` at every key and syncs (``membarrier`` SYNC_CORE, registered once per process
    before anything is written). A thread reaching a key now spins there for the rest of the window.
 3. Protocol R only (changes with ``span``): the tool looks at threads one at a time until each has been seen
@@ -35,7 +36,7 @@ from .process.maps import Mapping, read_maps
 from .process.memory import Memory
 from .process.ptrace import Regs
 from .process.remote import Injector
-from .process.threads import Thread, thread_state
+from .process.threads import Thread, list_tids, thread_state
 from .transaction import STACK_SCAN_LIMIT, CommitReport, SiteChange, check_bytes, signals_blocked, stack_words
 from .x86 import selfloop, stub
 
@@ -153,13 +154,14 @@ class LiveCommit:
         started = time.perf_counter()
         with signals_blocked():
             try:
-                world.seize()
-                world.boost()
-                report.threads = len(world.threads)
+                if watch or any(c.span for c in self.changes):
+                    world.seize()  # R's check or the watch looks at every thread
+                world.boost()  # (protocol A with nothing to watch traces the program's thread alone)
                 check_bytes(self.mem, self.changes)
                 self._commit(world, maps)
                 if watch:
                     report.busy = _watch_pass(world, self.mem, maps, watch, self.word)
+                report.threads = len(world.threads)
             finally:
                 world.detach_all()
         report.pause_us = world.longest_one_us
@@ -207,9 +209,18 @@ class LiveCommit:
 
     def _runner(self, world: LiveWorld, maps: list[Mapping], ranges: list[tuple[int, int]]) -> Thread:
         """A stopped thread to run the program: asleep first, the main thread among equals, with no RIP and
-        no stack word inside ``ranges`` (it is not looked at again)."""
-        tids = sorted(world.threads, key=lambda t: (thread_state(world.pid, t) != "S", t != world.pid))
+        no stack word inside ``ranges`` (it is not looked at again). A thread not yet seized is seized here
+        (protocol A seizes no other)."""
+        tids = list(world.threads) or list_tids(world.pid)
+        tids.sort(key=lambda t: (thread_state(world.pid, t) != "S", t != world.pid))
         for tid in tids:
+            if tid not in world.threads:
+                try:
+                    world.seize_thread(tid)
+                except TargetError:
+                    if os.path.exists(f"/proc/{world.pid}/task/{tid}"):
+                        raise  # e.g. traced by another tool: refused before anything changed
+                    continue  # it exited
             if world.threads[tid].group_stop:
                 continue
             th = world.stop_one(tid)
