@@ -79,7 +79,8 @@ def test_thousand_apply_revert_cycles_under_load(tmp_path: Path, procs: Procs) -
     with hotpatch.attach(pid) as target:
         # one cycle by hand: the new values really appear while applied, the old ones after revert
         rep = target.apply(str(patch))
-        assert rep.threads == THREADS + 1
+        # every thread traced, or under protocol A with nothing to watch only the program's thread
+        assert rep.threads == (1 if rep.protocol == "A" else THREADS + 1), (rep.protocol, rep.threads)
         assert sorted(sym for sym, _ in rep.sites) == ["_ZN7Greeter7computeEl", "c_compute"]
         assert_running(pid)
         assert [p.state for p in target.status().patches] == ["applied"]
