@@ -228,9 +228,10 @@ class Timing:
     commit_length: float
 
 
-def run_watched(procs: Procs, t: Target, args: list[str]) -> Timing:
-    """Run ``hotpatch ARGS`` to its end, watching when a worker thread of the target is traced by it."""
-    worker = a_worker(t.pid)
+def run_watched(procs: Procs, t: Target, args: list[str], watched: int | None = None) -> Timing:
+    """Run ``hotpatch ARGS`` to its end, watching when thread ``watched`` (default: a worker) of the target
+    is traced by it."""
+    worker = watched or a_worker(t.pid)
     p = procs.start(sys.executable, "-m", "hotpatch", *args, stdout=subprocess.DEVNULL)
     t0 = time.perf_counter()
     start = end = 0.0
@@ -246,12 +247,13 @@ def run_watched(procs: Procs, t: Target, args: list[str]) -> Timing:
     return Timing(total, start, max(end - start, 20e-6))
 
 
-def kill_tool(procs: Procs, t: Target, args: list[str], point: tuple[str, float]) -> bool:
+def kill_tool(procs: Procs, t: Target, args: list[str], point: tuple[str, float], watched: int | None = None) -> bool:
     """Start ``hotpatch ARGS`` and SIGKILL it at ``point``: ("time", seconds after its start), ("commit",
     seconds after it stopped every thread) or ("after", seconds after the commit released them). Returns True
-    when the kill landed before the tool finished."""
+    when the kill landed before the tool finished. The commit is seen as thread ``watched`` (default: a
+    worker) being traced by the tool."""
     mode, delay = point
-    worker = a_worker(t.pid)
+    worker = watched or a_worker(t.pid)
     p = procs.start(sys.executable, "-m", "hotpatch", *args, stdout=subprocess.DEVNULL)
     t0 = time.perf_counter()
     if mode == "time":
@@ -322,7 +324,7 @@ def test_sigkill_during_apply(tmp_path: Path, procs: Procs) -> None:
     apply_args = ["apply", "--pid", str(t.pid), str(patch)]
     normal = []
     for _ in range(3):
-        normal.append(run_watched(procs, t, apply_args))
+        normal.append(run_watched(procs, t, apply_args, watched=t.pid))
         assert check_consistent(t) == "applied"
         cli_ok("revert", "--pid", t.pid, "--all")
         assert check_consistent(t) == "absent"
@@ -697,20 +699,21 @@ def test_sigkill_of_no_stop_commit(
 
 
 READY_FRACTIONS = (0.5, 0.8, 0.9, 0.95, 0.98)
-READY_COMMIT_POINTS = 5  # kills spread over the time every thread is seized (traced, running)
+READY_COMMIT_POINTS = 5  # kills spread over the time the main thread is traced (injections, commit)
 READY_AFTER = (0.0, 0.0005)
 
 
 def test_sigkill_of_no_stop_apply_at_timed_points(ready_build: tuple[Path, Path], procs: Procs) -> None:
     """Protocol A on a hotpatch-ready target: SIGKILL of apply at 12 timed points (fractions of its
-    duration, into the window where every thread is seized, after it): each time the code settles fully old
+    duration, into the windows where the main thread — the one injections and the commit program use; A
+    traces no other — is traced, after them): each time the code settles fully old
     or fully new with the matching behaviour and status, never partial, and the next revert or apply works
     with protocol A."""
     t, patch = start_ready_target(ready_build, procs)
     apply_args = ["apply", "--pid", str(t.pid), str(patch)]
     normal = []
     for _ in range(3):
-        normal.append(run_watched(procs, t, apply_args))
+        normal.append(run_watched(procs, t, apply_args, watched=t.pid))
         assert ready_check_consistent(t, cli=True) == "applied"
         api_revert(t)
         assert ready_check_consistent(t) == "absent"
@@ -718,7 +721,7 @@ def test_sigkill_of_no_stop_apply_at_timed_points(ready_build: tuple[Path, Path]
     outcomes = []
     for point in kill_points(normal, READY_FRACTIONS, READY_COMMIT_POINTS, READY_AFTER):
         try:
-            killed = kill_tool(procs, t, apply_args, point)
+            killed = kill_tool(procs, t, apply_args, point, watched=t.pid)
             state = ready_check_consistent(t)
             seen[state if killed else "finished"] += 1
             outcomes.append((point[0], round(point[1] * 1e3, 2), state if killed else "finished"))
