@@ -41,6 +41,7 @@ Usage: ``python benchmarks/bench_pause.py [--rounds N] [--gdb-rounds N] [--proto
 from __future__ import annotations
 
 import argparse
+import contextlib
 import mmap
 import os
 import shutil
@@ -335,12 +336,23 @@ def gdb_write_cmd(pid: int, addr: int, data: bytes) -> list[str]:
     return [*GDB_BASE, "-p", str(pid), "-ex", f"set {{unsigned char[{len(data)}]}}{addr:#x} = {{{values}}}"]
 
 
-def measure(threads: int, timing: tuple[int, int], event_us: int, rounds: int, gdb_rounds: int, tmp: Path,
-            exe: Path, patch: Path, procs: Procs, protocol: str = "auto") -> tuple[dict[str, list[float]], set[str]]:
+def measure(
+    threads: int,
+    timing: tuple[int, int],
+    event_us: int,
+    rounds: int,
+    gdb_rounds: int,
+    tmp: Path,
+    exe: Path,
+    patch: Path,
+    procs: Procs,
+    protocol: str = "auto",
+) -> tuple[dict[str, list[float]], set[str], list[str]]:
     """Run the rounds against a fresh target with ``threads`` threads; return the series by name
     (``X`` for each key of :meth:`Gaps.read` as ``X_key``, µs; ``X_pause``: hotpatch's pause_us) and the
-    protocols hotpatch reported."""
+    protocols hotpatch reported, and the hotpatch errors (a failed apply's gaps are kept, its revert skipped)."""
     import hotpatch
+    from hotpatch.errors import HotpatchError
 
     spin_us, sleep_us = timing
     settle = sleep_us / 1e6 + 0.002  # a thread whose wake-up a stop delayed reports it when it wakes
@@ -348,13 +360,15 @@ def measure(threads: int, timing: tuple[int, int], event_us: int, rounds: int, g
     shm = (Path("/dev/shm") if os.path.isdir("/dev/shm") else tmp) / f"bench-pause-{os.getpid()}-{threads}"
     shm.write_bytes(b"\0" * SHM_BYTES)
     try:
-        proc, fns = start_target(procs, exe, str(threads), str(shm), str(spin_us * 1000), str(sleep_us * 1000),
-                                 str(event_us * 1000))
+        proc, fns = start_target(
+            procs, exe, str(threads), str(shm), str(spin_us * 1000), str(sleep_us * 1000), str(event_us * 1000)
+        )
         gaps = Gaps(shm, threads)
     finally:
         shm.unlink()  # both have it mapped or open; the name is no longer needed
     out: dict[str, list[float]] = {}
     protocols: set[str] = set()
+    errors: list[str] = []
 
     def record(key: str) -> None:
         time.sleep(settle)
@@ -368,24 +382,39 @@ def measure(threads: int, timing: tuple[int, int], event_us: int, rounds: int, g
             for _ in range(rounds):
                 gaps.reset()
                 t0 = time.perf_counter()
-                rep = target.apply(str(patch), protocol)
+                try:
+                    rep = target.apply(str(patch), protocol)
+                except HotpatchError as e:  # counted; the threads' gaps of the attempt are kept
+                    rep = None
+                    errors.append(f"apply: {e}")
                 window = time.perf_counter() - t0
                 record("apply")
-                out.setdefault("apply_pause", []).append(rep.pause_us)
                 out.setdefault("apply_ms", []).append(window * 1e3)
-                protocols.add(rep.protocol)
+                if rep is not None:
+                    out.setdefault("apply_pause", []).append(rep.pause_us)
+                    protocols.add(rep.protocol)
 
                 gaps.reset()
                 spin(window)
                 record("base")
+                if rep is None:
+                    continue
 
                 gaps.reset()
                 t0 = time.perf_counter()
-                reps = target.revert("bench", protocol)
+                try:
+                    reps = target.revert("bench", protocol)
+                except HotpatchError as e:
+                    reps = []
+                    errors.append(f"revert: {e}")
                 out.setdefault("revert_ms", []).append((time.perf_counter() - t0) * 1e3)
                 record("revert")
-                out.setdefault("revert_pause", []).append(reps[0].pause_us)
-                protocols.add(reps[0].protocol)
+                if reps:
+                    out.setdefault("revert_pause", []).append(reps[0].pause_us)
+                    protocols.add(reps[0].protocol)
+                else:
+                    with contextlib.suppress(HotpatchError):
+                        target.revert(None, "stop-the-world")
         if shutil.which("gdb") and gdb_rounds:
             addr, alt = fns["compute"], fns["compute_alt"]
             jump = b"\xe9" + (alt - addr - 5).to_bytes(4, "little", signed=True)
@@ -403,7 +432,7 @@ def measure(threads: int, timing: tuple[int, int], event_us: int, rounds: int, g
             sys.exit(f"the {threads}-thread target died (exit {proc.returncode})")
     finally:
         gaps.close()
-    return out, protocols
+    return out, protocols, errors
 
 
 def cell(xs: list[float]) -> str:
@@ -421,18 +450,23 @@ def table_rows(n: int, r: dict[str, list[float]]) -> list[list[object]]:
     """The rows of the main table for ``n`` threads."""
 
     def row(label: str, key: str, fmt: Callable[[list[float]], str] = cell) -> list[object]:
-        base, app, rev = r[f"base_{key}"], r[f"apply_{key}"], r[f"revert_{key}"]
+        base, app, rev = r[f"base_{key}"], r[f"apply_{key}"], r.get(f"revert_{key}", [])
         vs = ratio(median(app), median(base)) if key != "overlap" else "—"
         return [n, label, fmt(base), fmt(app), vs, fmt(rev)]
 
-    rows = [row("raw gap", "gap"), row("stalled gap (raw minus run-queue wait)", "stall"),
-            row("not-runnable gap", "blk")]
+    def ms(xs: list[float]) -> str:
+        return f"{median(xs):.1f} [{max(xs):.1f}]" if xs else "—"
+
+    rows = [
+        row("raw gap", "gap"),
+        row("stalled gap (raw minus run-queue wait)", "stall"),
+        row("not-runnable gap", "blk"),
+    ]
     if n > 1:
         rows.append(row("not-runnable gap, second thread", "blk2"))
         rows.append(row("two threads not runnable at once (provable µs)", "overlap", overlap_cell))
-    rows.append([n, "hotpatch `pause_us`", "—", cell(r["apply_pause"]), "—", cell(r["revert_pause"])])
-    rows.append([n, "call time (ms)", "—", f"{median(r['apply_ms']):.1f} [{max(r['apply_ms']):.1f}]", "—",
-                 f"{median(r['revert_ms']):.1f} [{max(r['revert_ms']):.1f}]"])
+    rows.append([n, "hotpatch `pause_us`", "—", cell(r.get("apply_pause", [])), "—", cell(r.get("revert_pause", []))])
+    rows.append([n, "call time (ms)", "—", ms(r["apply_ms"]), "—", ms(r.get("revert_ms", []))])
     return rows
 
 
@@ -442,15 +476,22 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15, help="apply/revert rounds per thread count (default 15)")
     ap.add_argument("--gdb-rounds", type=int, default=4, help="gdb writes per thread count (default 4; 0: none)")
     ap.add_argument("--protocol", default="auto", help="hotpatch's --protocol (default auto)")
-    ap.add_argument("--ready", action="store_true",
-                    help="build the target with `hotpatch cflags` (protocol A sites) instead of plain -O2")
+    ap.add_argument(
+        "--ready",
+        action="store_true",
+        help="build the target with `hotpatch cflags` (protocol A sites) instead of plain -O2",
+    )
     ap.add_argument("--threads", default="1,16", help=f"thread counts, comma-separated, <= {MAX_THREADS}")
-    ap.add_argument("--spin-us", type=int, help="µs each thread spins between sleeps (default: 20; 5 above 64 "
-                    "threads)")
-    ap.add_argument("--sleep-us", type=int, help="µs each thread sleeps (default: 300; 20 per thread above 16 "
-                    "threads, 40 above 64)")
-    ap.add_argument("--event-us", type=int, default=10,
-                    help="log not-runnable gaps from this many µs for the overlap check (default 10)")
+    ap.add_argument("--spin-us", type=int, help="µs each thread spins between sleeps (default: 20; 5 above 64 threads)")
+    ap.add_argument(
+        "--sleep-us", type=int, help="µs each thread sleeps (default: 300; 20 per thread above 16 threads, 40 above 64)"
+    )
+    ap.add_argument(
+        "--event-us",
+        type=int,
+        default=10,
+        help="log not-runnable gaps from this many µs for the overlap check (default 10)",
+    )
     args = ap.parse_args()
     counts = [int(n) for n in args.threads.split(",")]
     if any(not 1 <= n <= MAX_THREADS for n in counts):
@@ -458,38 +499,72 @@ def main() -> None:
     timings = {}
     for n in counts:
         spin_us, sleep_us = default_timing(n)
-        timings[n] = (spin_us if args.spin_us is None else args.spin_us,
-                      sleep_us if args.sleep_us is None else args.sleep_us)
+        timings[n] = (
+            spin_us if args.spin_us is None else args.spin_us,
+            sleep_us if args.sleep_us is None else args.sleep_us,
+        )
     results = {}
+    errors: dict[int, list[str]] = {}
     used: set[str] = set()
     with tempfile.TemporaryDirectory(prefix="bench-pause-") as tmpdir, Procs() as procs:
         tmp = Path(tmpdir)
         ready = run_checked([*hotpatch_cmd(), "cflags"]).stdout.split() if args.ready else []
-        exe = compile_c(TARGET, tmp / "target", f"-DMAXT={MAX_THREADS}", f"-DHDR={HEADER_WORDS}",
-                        f"-DWORDS={WORDS}", f"-DEVENTS={EVENTS}", f"-DSHM_BYTES={SHM_BYTES}", *ready)
+        exe = compile_c(
+            TARGET,
+            tmp / "target",
+            f"-DMAXT={MAX_THREADS}",
+            f"-DHDR={HEADER_WORDS}",
+            f"-DWORDS={WORDS}",
+            f"-DEVENTS={EVENTS}",
+            f"-DSHM_BYTES={SHM_BYTES}",
+            *ready,
+        )
         patch = hotpatch_build(PATCH, exe, tmp / "patch.hp", "bench")
         for n in counts:
-            results[n], protocols = measure(n, timings[n], args.event_us, args.rounds, args.gdb_rounds, tmp, exe,
-                                            patch, procs, args.protocol)
+            results[n], protocols, errors[n] = measure(
+                n, timings[n], args.event_us, args.rounds, args.gdb_rounds, tmp, exe, patch, procs, args.protocol
+            )
             used |= protocols
 
     timing_text = "; ".join(f"{n} threads: spin {s} µs, sleep {z} µs" for n, (s, z) in timings.items())
-    print(f"`{command_line()}`  \n{machine()}; protocol {args.protocol} (reported: {', '.join(sorted(used))}); "
-          f"{'hotpatch-ready target; ' if args.ready else ''}{args.rounds} rounds per thread count; {timing_text}; "
-          "µs, median over rounds of the largest value of any thread [worst round]\n")
+    print(
+        f"`{command_line()}`  \n{machine()}; protocol {args.protocol} (reported: {', '.join(sorted(used))}); "
+        f"{'hotpatch-ready target; ' if args.ready else ''}{args.rounds} rounds per thread count; {timing_text}; "
+        "µs, median over rounds of the largest value of any thread [worst round]\n"
+    )
     rows = [row for n, r in results.items() for row in table_rows(n, r)]
-    print(markdown_table(["threads", "measure", "baseline (no patching)", "during apply", "apply vs baseline",
-                          "during revert"], rows))
+    print(
+        markdown_table(
+            ["threads", "measure", "baseline (no patching)", "during apply", "apply vs baseline", "during revert"], rows
+        )
+    )
+    for n, errs in errors.items():
+        if errs:
+            print(
+                f"\n{n} threads: {len(errs)} hotpatch errors in {args.rounds} rounds (the attempts' gaps are in the "
+                "table): " + "; ".join(sorted(set(errs)))
+            )
     if any("gdb_gap" in r for r in results.values()):
         print()
         rows = []
         for n, r in results.items():
             if "gdb_gap" in r:
                 for label, key in (("raw gap", "gap"), ("not-runnable gap", "blk")):
-                    rows.append([n, label, cell(r[f"gdb_base_{key}"]), cell(r[f"gdb_{key}"]),
-                                 ratio(median(r[f"gdb_{key}"]), median(r[f"apply_{key}"]))])
-        print(markdown_table(["threads", "measure", "baseline (no patching)", "during gdb batch write",
-                              "gdb vs hotpatch apply"], rows))
+                    rows.append(
+                        [
+                            n,
+                            label,
+                            cell(r[f"gdb_base_{key}"]),
+                            cell(r[f"gdb_{key}"]),
+                            ratio(median(r[f"gdb_{key}"]), median(r[f"apply_{key}"])),
+                        ]
+                    )
+        print(
+            markdown_table(
+                ["threads", "measure", "baseline (no patching)", "during gdb batch write", "gdb vs hotpatch apply"],
+                rows,
+            )
+        )
 
 
 if __name__ == "__main__":
