@@ -1,6 +1,6 @@
 """The longest time any target thread is stopped or held up during ``apply`` (and revert), per protocol.
 
-The target's threads each run a loop that calls ``compute`` (the function being patched), reads
+The target's loop threads each run a loop that calls ``compute`` (the function being patched), reads
 CLOCK_MONOTONIC and keeps the largest gap between two iterations in shared memory. So that many threads do
 not queue on this machine's few CPUs, every thread spins for ``--spin-us`` then sleeps ``--sleep-us``
 (timer slack 1 ns); the gap across a sleep counts only its lateness beyond the requested time. Per gap each
@@ -30,12 +30,19 @@ per thread count, the median over rounds of the largest value of any thread (the
 the same for the second most delayed thread (is it one thread or all?), and hotpatch's own ``pause_us``
 (the longest stop its tracer saw); then gdb batch mode writing the same 5-byte jump, measured the same way.
 
+Shape of the target: by default its main thread waits in ``pthread_join`` (asleep, as a server's main thread
+or an idle worker is) besides the loop threads, and hotpatch borrows that asleep thread for its injected system
+calls and the in-target commit program of protocols A and R; ``--busy-main`` makes the main thread a loop
+thread too (no thread is ever asleep for long, so the borrowed one is a loop thread and its gap shows the
+borrowing). ``--floor`` also runs protocol B's bare ptrace calls from C (``FLOOR``) against the same target:
+what this machine's kernel and hypervisor cost, whoever the tracer is.
+
 Protocols (issue 3): ``--ready --protocol no-stop`` (A: the target built with ``hotpatch cflags``, goal:
 indistinguishable from the baseline); ``--protocol rolling`` (R, an ordinary site: each thread stopped
 <= 100 µs, never two at once); ``--protocol stop-the-world --threads 512`` (B: the world stopped <= 5 ms).
 
 Usage: ``python benchmarks/bench_pause.py [--rounds N] [--gdb-rounds N] [--protocol P] [--ready]
-[--threads 1,16] [--spin-us N] [--sleep-us N] [--event-us N]``.
+[--threads 1,16] [--busy-main] [--floor] [--spin-us N] [--sleep-us N] [--event-us N]``.
 """
 
 from __future__ import annotations
@@ -203,7 +210,8 @@ static void *worker(void *arg)
 
 int main(int argc, char **argv)
 {
-    if (argc < 6) return 2;
+    if (argc < 7) return 2;
+    int busy_main = atoi(argv[6]);   /* 1: the main thread is loop thread 0; 0: it waits, as a server's does */
     int n = atoi(argv[1]);
     int fd = open(argv[2], O_RDWR);
     spin_ns = strtoull(argv[3], NULL, 10);
@@ -217,10 +225,61 @@ int main(int argc, char **argv)
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setstacksize(&attr, 256 * 1024);
-    pthread_t th;
-    for (long i = 1; i < n; i++)
+    pthread_t th, first = 0;
+    for (long i = busy_main; i < n; i++) {
         if (pthread_create(&th, &attr, worker, (void *)i) != 0) return 4;
-    worker((void *)0);
+        if (i == busy_main) first = th;
+    }
+    if (busy_main)
+        worker((void *)0);
+    pthread_join(first, NULL);   /* never returns: asleep in futex_wait */
+    return 0;
+}
+"""
+
+# The floor of protocol B on this machine: the same ptrace calls, from C, at SCHED_FIFO when allowed, with
+# nothing else done: PTRACE_SEIZE every thread (outside the window), then PTRACE_INTERRUPT all, waitpid each
+# stop, PTRACE_GETREGS each, PTRACE_DETACH all. Prints the window (first interrupt to last detach), µs.
+FLOOR = r"""
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/ptrace.h>
+#include <sys/user.h>
+#include <sys/wait.h>
+#include <time.h>
+
+static double now(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e6 + t.tv_nsec / 1e3;
+}
+
+int main(int argc, char **argv)
+{
+    static int tids[8192];
+    int n = 0;
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%s/task", argv[1]);
+    DIR *d = opendir(path);
+    if (!d) return 2;
+    for (struct dirent *e; (e = readdir(d)) && n < 8192;)
+        if (e->d_name[0] != '.') tids[n++] = atoi(e->d_name);
+    closedir(d);
+    for (int i = 0; i < n; i++)
+        if (ptrace(PTRACE_SEIZE, tids[i], 0, 0)) return 3;
+    struct sched_param sp = {1};
+    sched_setscheduler(0, SCHED_FIFO, &sp);   /* as hotpatch's World.boost; ignored without permission */
+    struct user_regs_struct regs;
+    double t0 = now();
+    for (int i = 0; i < n; i++) ptrace(PTRACE_INTERRUPT, tids[i], 0, 0);
+    for (int i = 0; i < n; i++) { int st; waitpid(tids[i], &st, __WALL); }
+    for (int i = 0; i < n; i++) ptrace(PTRACE_GETREGS, tids[i], 0, &regs);
+    for (int i = 0; i < n; i++) ptrace(PTRACE_DETACH, tids[i], 0, 0);
+    printf("%.0f\n", now() - t0);
     return 0;
 }
 """
@@ -347,10 +406,14 @@ def measure(
     patch: Path,
     procs: Procs,
     protocol: str = "auto",
+    busy_main: bool = False,
+    floor: Path | None = None,
 ) -> tuple[dict[str, list[float]], set[str], list[str]]:
-    """Run the rounds against a fresh target with ``threads`` threads; return the series by name
-    (``X`` for each key of :meth:`Gaps.read` as ``X_key``, µs; ``X_pause``: hotpatch's pause_us) and the
-    protocols hotpatch reported, and the hotpatch errors (a failed apply's gaps are kept, its revert skipped)."""
+    """Run the rounds against a fresh target with ``threads`` loop threads (plus a waiting main thread unless
+    ``busy_main``); return the series by name (``X`` for each key of :meth:`Gaps.read` as ``X_key``, µs;
+    ``X_pause``: hotpatch's pause_us; ``floor_window``: the C floor's window) and the protocols hotpatch
+    reported, and the hotpatch errors (a failed apply's gaps are kept, its revert skipped). ``floor``: the
+    compiled FLOOR program, run as many times as gdb (at least 5)."""
     import hotpatch
     from hotpatch.errors import HotpatchError
 
@@ -361,7 +424,14 @@ def measure(
     shm.write_bytes(b"\0" * SHM_BYTES)
     try:
         proc, fns = start_target(
-            procs, exe, str(threads), str(shm), str(spin_us * 1000), str(sleep_us * 1000), str(event_us * 1000)
+            procs,
+            exe,
+            str(threads),
+            str(shm),
+            str(spin_us * 1000),
+            str(sleep_us * 1000),
+            str(event_us * 1000),
+            str(int(busy_main)),
         )
         gaps = Gaps(shm, threads)
     finally:
@@ -428,6 +498,15 @@ def measure(
                 gaps.reset()
                 spin(window)
                 record("gdb_base")
+        for _ in range(max(gdb_rounds, 5) if floor else 0):
+            gaps.reset()
+            t0 = time.perf_counter()
+            out.setdefault("floor_window", []).append(float(run_checked([str(floor), str(proc.pid)]).stdout))
+            window = time.perf_counter() - t0
+            record("floor")
+            gaps.reset()
+            spin(window)
+            record("floor_base")
         if proc.poll() is not None:
             sys.exit(f"the {threads}-thread target died (exit {proc.returncode})")
     finally:
@@ -482,6 +561,17 @@ def main() -> None:
         help="build the target with `hotpatch cflags` (protocol A sites) instead of plain -O2",
     )
     ap.add_argument("--threads", default="1,16", help=f"thread counts, comma-separated, <= {MAX_THREADS}")
+    ap.add_argument(
+        "--busy-main",
+        action="store_true",
+        help="the main thread is a loop thread too (default: it waits in pthread_join, as a server's main "
+        "thread does, and hotpatch borrows it for its injected system calls)",
+    )
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run protocol B's ptrace calls from C (the floor of this machine) against the same target",
+    )
     ap.add_argument("--spin-us", type=int, help="µs each thread spins between sleeps (default: 20; 5 above 64 threads)")
     ap.add_argument(
         "--sleep-us", type=int, help="µs each thread sleeps (default: 300; 20 per thread above 16 threads, 40 above 64)"
@@ -520,16 +610,30 @@ def main() -> None:
             *ready,
         )
         patch = hotpatch_build(PATCH, exe, tmp / "patch.hp", "bench")
+        floor = compile_c(FLOOR, tmp / "floor") if args.floor else None
         for n in counts:
             results[n], protocols, errors[n] = measure(
-                n, timings[n], args.event_us, args.rounds, args.gdb_rounds, tmp, exe, patch, procs, args.protocol
+                n,
+                timings[n],
+                args.event_us,
+                args.rounds,
+                args.gdb_rounds,
+                tmp,
+                exe,
+                patch,
+                procs,
+                args.protocol,
+                args.busy_main,
+                floor,
             )
             used |= protocols
 
     timing_text = "; ".join(f"{n} threads: spin {s} µs, sleep {z} µs" for n, (s, z) in timings.items())
     print(
         f"`{command_line()}`  \n{machine()}; protocol {args.protocol} (reported: {', '.join(sorted(used))}); "
-        f"{'hotpatch-ready target; ' if args.ready else ''}{args.rounds} rounds per thread count; {timing_text}; "
+        f"{'hotpatch-ready target; ' if args.ready else ''}"
+        f"{'every thread loops' if args.busy_main else 'loop threads plus a main thread waiting in pthread_join'}; "
+        f"{args.rounds} rounds per thread count; {timing_text}; "
         "µs, median over rounds of the largest value of any thread [worst round]\n"
     )
     rows = [row for n, r in results.items() for row in table_rows(n, r)]
@@ -544,6 +648,33 @@ def main() -> None:
                 f"\n{n} threads: {len(errs)} hotpatch errors in {args.rounds} rounds (the attempts' gaps are in the "
                 "table): " + "; ".join(sorted(set(errs)))
             )
+    if any("floor_window" in r for r in results.values()):
+        print()
+        rows = [
+            [
+                n,
+                cell(r["floor_base_blk"]),
+                cell(r["floor_blk"]),
+                cell(r["apply_blk"]),
+                ratio(median(r["apply_blk"]), median(r["floor_blk"])),
+                cell(r["floor_window"]),
+            ]
+            for n, r in results.items()
+            if "floor_window" in r
+        ]
+        print(
+            markdown_table(
+                [
+                    "threads",
+                    "baseline not-runnable gap",
+                    "not-runnable gap, B's ptrace calls from C",
+                    "during hotpatch apply",
+                    "hotpatch vs C",
+                    "C window (first interrupt to last detach)",
+                ],
+                rows,
+            )
+        )
     if any("gdb_gap" in r for r in results.values()):
         print()
         rows = []

@@ -198,6 +198,14 @@ def check_consistent(t: Target) -> str:
     return st
 
 
+def explain(e: AssertionError, t: Target, what: str) -> None:
+    """Add ``what`` to a failure, and why the target is gone when it is (a tool error such as ESRCH is often
+    only the first sign of a target that died)."""
+    e.add_note(what)
+    if t.proc.poll() is not None:
+        e.add_note(target_failure(t))
+
+
 def cli_ok(*args: object) -> str:
     """Run the CLI, which must succeed; returns its stdout."""
     res = run_cli(*args)
@@ -346,7 +354,7 @@ def test_sigkill_during_apply(tmp_path: Path, procs: Procs) -> None:
                 assert code_state(t) == "original"
             wait_running(t)
         except AssertionError as e:
-            e.add_note(f"after SIGKILL of apply at {point}")
+            explain(e, t, f"after SIGKILL of apply at {point}")
             raise
     assert seen["applied"] and seen["absent"], f"kills never landed on both sides of the commit: {seen}"
     finish(t)
@@ -370,7 +378,7 @@ def test_sigkill_during_revert(tmp_path: Path, procs: Procs) -> None:
                 cli_ok(*revert_args)
             assert check_consistent(t) == "absent"
         except AssertionError as e:
-            e.add_note(f"after SIGKILL of revert at {point}")
+            explain(e, t, f"after SIGKILL of revert at {point}")
             raise
     finish(t)
 
@@ -474,6 +482,40 @@ def test_sigkill_during_injected_syscall(tmp_path: Path, procs: Procs, where: st
     cli_ok("apply", "--pid", t.pid, patch)
     cli_ok("revert", "--pid", t.pid, "--all")
     finish(t)
+
+
+# Runs `hotpatch ARGV[2:]` with hotpatch.process.ptrace.syscall_op wrapped so that its first call first
+# SIGKILLs the target, PID ARGV[1], and waits until the kernel has begun to take it down.
+TARGET_DIES_SCRIPT = """\
+import os, signal, sys, time
+from hotpatch.process import ptrace
+pid = int(sys.argv[1])
+original = ptrace.syscall_op
+def target_dies(tid):
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    return original(tid)
+ptrace.syscall_op = target_dies
+from hotpatch.cli import main
+sys.argv = ["hotpatch", *sys.argv[2:]]
+main()
+"""
+
+
+def test_target_killed_during_injected_syscall(tmp_path: Path, procs: Procs) -> None:
+    """The target is SIGKILLed (by someone else) while a thread of it sits in an injected system call's stop:
+    the tool ends with one line naming that, not an internal error (ptrace answers ESRCH for a tracee that a
+    SIGKILL woke, kernel/ptrace.c ``ptrace_freeze_traced``)."""
+    t, patch = start_compute_target(tmp_path, procs)
+    script = tmp_path / "target_dies.py"
+    script.write_text(TARGET_DIES_SCRIPT)
+    res = subprocess.run([sys.executable, script, str(t.pid), "apply", "--pid", str(t.pid), patch],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "internal error" not in lines[0], res.stderr
+    assert f"PID {t.pid}" in lines[0] and ("killed" in lines[0] or "exited" in lines[0]), lines[0]
+    assert t.proc.wait(timeout=10) == -signal.SIGKILL
 
 
 def test_repeated_kills_during_injection_leave_room_for_the_stub(tmp_path: Path, procs: Procs) -> None:
@@ -731,7 +773,7 @@ def test_sigkill_of_no_stop_apply_at_timed_points(ready_build: tuple[Path, Path]
             api_revert(t)  # revert works after the kill (or the apply)
             assert ready_code_state(t) == "original" and ready_behaviour(t) == "old"
         except AssertionError as e:
-            e.add_note(f"after SIGKILL of apply at {point}")
+            explain(e, t, f"after SIGKILL of apply at {point}")
             raise
     assert seen["applied"] and seen["absent"], f"kills never landed on both sides of the commit: {outcomes}"
     print(f"kills of a protocol A apply (kind, ms, outcome): {outcomes}")

@@ -21,7 +21,6 @@ Catchable signals are blocked in the tool while the window is open.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import os
 import struct
@@ -30,6 +29,7 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 
 from .errors import HotpatchError, SiteError, TargetError
+from .inuse import hits, thread_words, watch_pass
 from .process import remote
 from .process.live import LiveWorld
 from .process.maps import Mapping, read_maps
@@ -37,13 +37,12 @@ from .process.memory import Memory
 from .process.ptrace import Regs
 from .process.remote import Injector
 from .process.threads import Thread, list_tids, thread_state
-from .transaction import STACK_SCAN_LIMIT, CommitReport, SiteChange, check_bytes, signals_blocked, stack_words
+from .transaction import CommitReport, SiteChange, check_bytes, signals_blocked
 from .x86 import selfloop, stub
 
 ROLLING_TIMEOUT_S = 2.0  # how long protocol R waits for every thread to leave the overwritten bytes
 PROGRAM_WAIT_S = 3  # how long the program waits for the tool's go before it undoes the self-loops itself
 PROGRAM_TIMEOUT_S = 10.0  # how long the tool waits for the program to end
-WATCH_S = 0.05  # how long a busy thread is looked at again when checking whether memory is still in use
 POLL_S = 0.0002
 
 
@@ -160,7 +159,7 @@ class LiveCommit:
                 check_bytes(self.mem, self.changes)
                 self._commit(world, maps)
                 if watch:
-                    report.busy = _watch_pass(world, self.mem, maps, watch, self.word)
+                    report.busy = watch_pass(world, self.mem, maps, watch, self.word)
                 report.threads = len(world.threads)
             finally:
                 world.detach_all()
@@ -227,8 +226,8 @@ class LiveCommit:
             if th is None:
                 continue
             assert th.regs is not None
-            words = _thread_words(self.mem, maps, th, self.word)
-            if remote.thread_bitness(th.regs) == self.bitness and not any(_hits(words, lo, hi) for lo, hi in ranges):
+            words = thread_words(self.mem, maps, th, self.word)
+            if remote.thread_bitness(th.regs) == self.bitness and not any(hits(words, lo, hi) for lo, hi in ranges):
                 return th
             world.resume_one(tid)
         raise TargetError(f"PID {world.pid} has no thread able to make the change (stopped by job control?)")
@@ -289,30 +288,6 @@ class LiveCommit:
             time.sleep(POLL_S)
 
 
-def _thread_words(mem: Memory, maps: list[Mapping], th: Thread, word: int) -> list[int]:
-    """The sorted RIP and ``word``-byte stack words (RSP up to the end of its mapping, at most
-    STACK_SCAN_LIMIT bytes) of the stopped thread ``th``, with RIP - 2 when a syscall restart will rewind it
-    (research §4.3)."""
-    regs = th.regs
-    assert regs is not None
-    rsp = regs.rsp
-    i = bisect.bisect_right([m.start for m in maps], rsp) - 1
-    data = b""
-    if i >= 0 and maps[i].start <= rsp < maps[i].end:
-        start = rsp & -word
-        data = mem.try_read(start, min(maps[i].end, start + STACK_SCAN_LIMIT) - start) or b""
-    words = [*stack_words(data, word), regs.rip]
-    if th.restarting:
-        words.append(regs.rip - 2)
-    return sorted(words)
-
-
-def _hits(words: list[int], lo: int, hi: int) -> bool:
-    """True when a value of the sorted ``words`` lies in ``(lo, hi)`` (``lo`` excluded)."""
-    i = bisect.bisect_right(words, lo)
-    return i < len(words) and words[i] < hi
-
-
 def _rolling(world: LiveWorld, mem: Memory, maps: list[Mapping], ranges: list[tuple[int, int]], word: int) -> None:
     """Protocol R's check: every thread seen once with nothing in any ``(key, key + span)`` of ``ranges``.
 
@@ -322,7 +297,7 @@ def _rolling(world: LiveWorld, mem: Memory, maps: list[Mapping], ranges: list[tu
     pending = {t for t in world.threads if not world.threads[t].group_stop}
 
     def clear(words: list[int]) -> bool:
-        return not any(_hits(words, lo, hi) for lo, hi in ranges)
+        return not any(hits(words, lo, hi) for lo, hi in ranges)
 
     _rolling_rounds(world, mem, maps, pending, clear, time.monotonic() + ROLLING_TIMEOUT_S, word)
 
@@ -343,7 +318,7 @@ def _rolling_rounds(
             if th is None:
                 pending.discard(tid)
                 continue
-            words = _thread_words(mem, maps, th, word)
+            words = thread_words(mem, maps, th, word)
             world.resume_one(tid)
             if clear(words):
                 pending.discard(tid)
@@ -354,30 +329,3 @@ def _rolling_rounds(
                     f"{ROLLING_TIMEOUT_S:g} s; nothing was changed"
                 )
             time.sleep(0.001)
-
-
-def _watch_pass(
-    world: LiveWorld, mem: Memory, maps: list[Mapping], watch: Sequence[tuple[int, int]], word: int
-) -> set[tuple[int, int]]:
-    """The regions of ``watch`` some thread still uses (RIP or stack word inside); a busy thread is looked at
-    again every 0.5 ms for up to WATCH_S (a preempted thread may stand on a jump a while). The new code is in
-    place and synced, so a thread seen clear can never enter them again."""
-    busy_by: dict[int, set[tuple[int, int]]] = {}
-
-    def look(th: Thread) -> None:
-        words = _thread_words(mem, maps, th, word)
-        hit = {(a, n) for a, n in watch if _hits(words, a - 1, a + n)}
-        if hit:
-            busy_by[th.tid] = hit
-        else:
-            busy_by.pop(th.tid, None)
-
-    pending = list(world.threads)
-    deadline = time.monotonic() + WATCH_S
-    while True:
-        world.visit(pending, look)
-        pending = [t for t in busy_by if t in world.threads]
-        if not pending or time.monotonic() > deadline:
-            break
-        time.sleep(0.0005)
-    return set().union(*(busy_by[t] for t in pending)) if pending else set()

@@ -99,9 +99,11 @@ class PtraceError(OSError):
     """A ptrace request failed; ``errno`` says why (ESRCH: thread gone, EPERM: not allowed)."""
 
 
-def _call(request: int, tid: int, addr: int = 0, data: int | ctypes.c_void_p | None = 0) -> int:
+def _call(request: int, tid: int, addr: int = 0, data: object = 0) -> int:
+    # ``data``: an int or a ``ctypes.byref`` (cast(pointer()) costs 3 µs a call; a stop-the-world of 512
+    # threads makes thousands of these calls while every thread waits)
     ctypes.set_errno(0)
-    res = int(_ptrace(request, tid, ctypes.c_void_p(addr), data))
+    res = int(_ptrace(request, tid, addr, data))
     if res == -1:
         err = ctypes.get_errno()
         if err:
@@ -114,7 +116,7 @@ def seize(tid: int, options: int = PTRACE_O_TRACECLONE | PTRACE_O_TRACESYSGOOD) 
 
     Raises PtraceError (EPERM: not permitted or already traced; ESRCH: no such thread).
     """
-    _call(PTRACE_SEIZE, tid, 0, ctypes.c_void_p(options))
+    _call(PTRACE_SEIZE, tid, 0, options)
 
 
 def interrupt(tid: int) -> None:
@@ -124,43 +126,43 @@ def interrupt(tid: int) -> None:
 
 def cont(tid: int, sig: int = 0) -> None:
     """Resume a stopped tracee, delivering ``sig`` if it is in a signal-delivery-stop."""
-    _call(PTRACE_CONT, tid, 0, ctypes.c_void_p(sig))
+    _call(PTRACE_CONT, tid, 0, sig)
 
 
 def syscall(tid: int, sig: int = 0) -> None:
     """Resume a stopped tracee until its next syscall-entry or syscall-exit stop (``PTRACE_SYSCALL``)."""
-    _call(PTRACE_SYSCALL, tid, 0, ctypes.c_void_p(sig))
+    _call(PTRACE_SYSCALL, tid, 0, sig)
 
 
 def syscall_op(tid: int) -> int:
     """At a syscall-stop, ``SYSCALL_INFO_ENTRY`` or ``SYSCALL_INFO_EXIT`` (``PTRACE_GET_SYSCALL_INFO``, Linux
     5.3; ``struct ptrace_syscall_info.op`` is its first byte)."""
     buf = ctypes.create_string_buffer(88)
-    _call(PTRACE_GET_SYSCALL_INFO, tid, len(buf), ctypes.cast(buf, ctypes.c_void_p))
+    _call(PTRACE_GET_SYSCALL_INFO, tid, len(buf), ctypes.byref(buf))
     return buf.raw[0]
 
 
 def detach(tid: int, sig: int = 0) -> None:
     """Detach from a stopped tracee and let it run, delivering ``sig`` from a signal-delivery-stop."""
-    _call(PTRACE_DETACH, tid, 0, ctypes.c_void_p(sig))
+    _call(PTRACE_DETACH, tid, 0, sig)
 
 
 def get_regs(tid: int) -> Regs:
     """Read the general-purpose registers of a stopped tracee."""
     regs = Regs()
-    _call(PTRACE_GETREGS, tid, 0, ctypes.cast(ctypes.pointer(regs), ctypes.c_void_p))
+    _call(PTRACE_GETREGS, tid, 0, ctypes.byref(regs))
     return regs
 
 
 def set_regs(tid: int, regs: Regs) -> None:
     """Write the general-purpose registers of a stopped tracee."""
-    _call(PTRACE_SETREGS, tid, 0, ctypes.cast(ctypes.pointer(regs), ctypes.c_void_p))
+    _call(PTRACE_SETREGS, tid, 0, ctypes.byref(regs))
 
 
 def event_msg(tid: int) -> int:
     """``PTRACE_GETEVENTMSG``: for a clone event, the new thread's tid."""
     msg = ctypes.c_ulong()
-    _call(PTRACE_GETEVENTMSG, tid, 0, ctypes.cast(ctypes.pointer(msg), ctypes.c_void_p))
+    _call(PTRACE_GETEVENTMSG, tid, 0, ctypes.byref(msg))
     return int(msg.value)
 
 

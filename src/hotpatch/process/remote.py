@@ -285,11 +285,20 @@ class Injector:
                 del self.world.threads[th.tid]
                 raise TargetError(f"PID {self.world.pid} exited during an injected system call")
             sig = os.WSTOPSIG(status)
-            if sig == ptrace.SYSCALL_STOP and ptrace.syscall_op(th.tid) == ptrace.SYSCALL_INFO_EXIT:
-                return int(ptrace.get_regs(th.tid).rax)  # raw: Arch.result decodes it
-            if ptrace.stop_event(status) == 0 and sig != ptrace.SYSCALL_STOP:
-                th.extra_signals.append(sig)  # arrived meanwhile (SIGTRAP too): re-raised on release
-            ptrace.syscall(th.tid)  # the entry stop, or an interrupt or signal stop: go on
+            try:
+                if sig == ptrace.SYSCALL_STOP and ptrace.syscall_op(th.tid) == ptrace.SYSCALL_INFO_EXIT:
+                    return int(ptrace.get_regs(th.tid).rax)  # raw: Arch.result decodes it
+                if ptrace.stop_event(status) == 0 and sig != ptrace.SYSCALL_STOP:
+                    th.extra_signals.append(sig)  # arrived meanwhile (SIGTRAP too): re-raised on release
+                ptrace.syscall(th.tid)  # the entry stop, or an interrupt or signal stop: go on
+            except ptrace.PtraceError as e:
+                # ESRCH on a tracee that just reported a stop: a SIGKILL woke it (the process is exiting)
+                if e.errno != errno.ESRCH:
+                    raise
+                raise TargetError(
+                    f"PID {self.world.pid} was killed during an injected system call (thread {th.tid}: "
+                    f"state {thread_state(self.world.pid, th.tid)})"
+                ) from None
 
     def close(self) -> None:
         """Put the thread back where it was (with the kernel's syscall restart done by hand: it now sits at a

@@ -67,17 +67,23 @@ def list_tids(pid: int) -> list[int]:
         raise TargetError(f"no process with PID {pid}") from None
 
 
-def tracer_of(pid: int, tid: int | None = None) -> int:
-    """TracerPid of thread ``tid`` (default: the main thread) of ``pid`` (proc(5)); 0 when untraced or gone."""
-    path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
+def _status_number(path: str, field: str) -> int:
+    """The number after ``field`` (e.g. ``"TracerPid:"``) in the proc(5) status file ``path``; 0 when absent or
+    the file is gone."""
     try:
         with open(path, encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("TracerPid:"):
+                if line.startswith(field):
                     return int(line.split()[1])
     except OSError:
         pass
     return 0
+
+
+def tracer_of(pid: int, tid: int | None = None) -> int:
+    """TracerPid of thread ``tid`` (default: the main thread) of ``pid`` (proc(5)); 0 when untraced or gone."""
+    path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
+    return _status_number(path, "TracerPid:")
 
 
 def thread_state(pid: int, tid: int) -> str:
@@ -88,6 +94,12 @@ def thread_state(pid: int, tid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "X"
+
+
+def thread_count(pid: int) -> int:
+    """The number of threads of ``pid`` (``Threads:`` of /proc/PID/status, proc(5): ``signal->nr_threads``,
+    which counts a traced thread until its tracer reaps it); 0 when the process is gone."""
+    return _status_number(f"/proc/{pid}/status", "Threads:")
 
 
 def is_zombie(pid: int, tid: int) -> bool:
@@ -155,7 +167,6 @@ class World:
         """
         want = list(self.threads) if tids is None else tids
         if self._stopped_at is None:
-            self.boost()
             self._stopped_at = time.perf_counter()
         for tid in want:
             th = self.threads.get(tid)
@@ -171,13 +182,20 @@ class World:
                 self._wait_stopped(tid)
         if tids is None:
             while True:
-                self.seize()
                 pending = [t for t, th in self.threads.items() if not th.stopped]
-                if not pending:
-                    break
-                self.stop(pending)
+                if pending:
+                    self.stop(pending)
+                elif thread_count(self.pid) == len(self.threads):
+                    break  # every thread of the process is one of ours, stopped (cheaper than a rescan)
+                else:
+                    self.seize()  # one made by a clone that was under way when its parent was seized
+                    if all(th.stopped for th in self.threads.values()):
+                        break
         if not self.threads:
             raise TargetError(f"PID {self.pid} exited")
+        # Boosted only now: the interrupted threads need the CPUs to reach their stops (a SCHED_FIFO tool
+        # polling for them would keep one of them); from here on nothing of the target competes with the tool.
+        self.boost()
 
     def _wait_stopped(self, tid: int, timeout: float = STOP_TIMEOUT_S) -> None:
         th = self.threads[tid]
@@ -262,7 +280,10 @@ class World:
     def boost(self) -> None:
         """Run the tool as SCHED_FIFO while target threads are stopped, when allowed (root or
         CAP_SYS_NICE): the stop window then does not wait behind the target's runnable threads (research §7.1
-        measured its latencies with SCHED_FIFO). Without the permission nothing changes."""
+        measured its latencies with SCHED_FIFO). Without the permission nothing changes; a second call does
+        nothing."""
+        if self._old_sched is not None:
+            return
         try:
             old = (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority)
             os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
