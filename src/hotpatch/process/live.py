@@ -68,7 +68,11 @@ class LiveWorld(World):
             if event == ptrace.PTRACE_EVENT_CLONE:
                 child = ptrace.event_msg(tid)
                 self.threads.setdefault(child, Thread(child))
-                ptrace.cont(tid)
+                ptrace.cont(tid)  # (a stop inside clone(): no place to inject into or to judge a RIP)
+                if tid in self._wanted:
+                    # this stop consumed our PTRACE_INTERRUPT ("any trap clears pending STOP trap",
+                    # kernel/signal.c ptrace_stop): ask again, for a stop once clone() has returned
+                    ptrace.interrupt(tid)
             elif event == ptrace.PTRACE_EVENT_STOP:
                 if tid in self._wanted:
                     self._mark_stopped(th)
@@ -83,6 +87,8 @@ class LiveWorld(World):
                     self._mark_stopped(th)
                 else:
                     ptrace.cont(tid, sig)
+            elif tid in self._wanted:  # another event stop: it consumed the interrupt as well
+                self._mark_stopped(th)
             else:
                 ptrace.cont(tid)
         except PtraceError:
