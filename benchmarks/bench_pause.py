@@ -28,7 +28,9 @@ process, wait one sleep period so late wake-ups are seen, read them), *baseline*
 busy as long as the apply took, the same wait, read), then *revert* measured like apply. The tables give,
 per thread count, the median over rounds of the largest value of any thread (the worst round in brackets),
 the same for the second most delayed thread (is it one thread or all?), and hotpatch's own ``pause_us``
-(the longest stop its tracer saw); then gdb batch mode writing the same 5-byte jump, measured the same way.
+(the longest stop its tracer saw) and ``check_stop_us`` (the longest stop of a thread other than the asleep one
+it borrows: protocol R's one-at-a-time check, the watch of memory to free); then gdb batch mode writing the same
+5-byte jump, measured the same way.
 
 Shape of the target: by default its main thread waits in ``pthread_join`` (asleep, as a server's main thread
 or an idle worker is) besides the loop threads, and hotpatch borrows that asleep thread for its injected system
@@ -462,6 +464,7 @@ def measure(
                 out.setdefault("apply_ms", []).append(window * 1e3)
                 if rep is not None:
                     out.setdefault("apply_pause", []).append(rep.pause_us)
+                    out.setdefault("apply_check", []).append(rep.check_stop_us)
                     protocols.add(rep.protocol)
 
                 gaps.reset()
@@ -481,6 +484,7 @@ def measure(
                 record("revert")
                 if reps:
                     out.setdefault("revert_pause", []).append(reps[0].pause_us)
+                    out.setdefault("revert_check", []).append(reps[0].check_stop_us)
                     protocols.add(reps[0].protocol)
                 else:
                     with contextlib.suppress(HotpatchError):
@@ -545,6 +549,16 @@ def table_rows(n: int, r: dict[str, list[float]]) -> list[list[object]]:
         rows.append(row("not-runnable gap, second thread", "blk2"))
         rows.append(row("two threads not runnable at once (provable µs)", "overlap", overlap_cell))
     rows.append([n, "hotpatch `pause_us`", "—", cell(r.get("apply_pause", [])), "—", cell(r.get("revert_pause", []))])
+    rows.append(
+        [
+            n,
+            "hotpatch `check_stop_us` (longest stop of a thread not borrowed)",
+            "—",
+            cell(r.get("apply_check", [])),
+            "—",
+            cell(r.get("revert_check", [])),
+        ]
+    )
     rows.append([n, "call time (ms)", "—", ms(r["apply_ms"]), "—", ms(r.get("revert_ms", []))])
     return rows
 

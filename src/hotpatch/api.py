@@ -86,8 +86,10 @@ class Report:
     """What an apply or revert did: patch ``name`` and ``version``, ``sites`` (symbol, address),
     ``pause_us`` (the longest window in µs in which any target thread was stopped, over the commit and every
     injection), ``threads`` stopped by the commit, threads ``moved`` out of overwritten bytes, regions
-    ``retained`` (kept mapped: addr, bytes), for an upgrade the ``replaced_version``, and the ``protocol``
-    the commit used (A, R or B; DESIGN.md §4)."""
+    ``retained`` (kept mapped: addr, bytes), for an upgrade the ``replaced_version``, the ``protocol``
+    the commit used (A, R or B; DESIGN.md §4), and ``check_stop_us``: the longest stop of a thread other than
+    the one borrowed for injected system calls and the commit program (A, R: protocol R's check and the
+    watch of memory to free, one thread at a time; B: the world's stop), µs."""
 
     def __init__(
         self, name: str, version: int, sites: list[tuple[str, int]], pause_us: float, threads: int, moved: int
@@ -97,6 +99,7 @@ class Report:
         self.retained: list[tuple[int, int]] = []
         self.replaced_version: int | None = None
         self.protocol = "B"
+        self.check_stop_us = pause_us
 
 
 EM_386, EM_X86_64 = 3, 62  # ELF e_machine (System V gABI)
@@ -486,6 +489,7 @@ class Target:
             commit.moved,
         )
         rep.protocol = commit.protocol
+        rep.check_stop_us = commit.check_stop_us
         return rep
 
 

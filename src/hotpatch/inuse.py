@@ -9,8 +9,10 @@ thread one short stop and never stops two at once.
 from __future__ import annotations
 
 import bisect
+import struct
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from .process.live import LiveWorld
 from .process.maps import Mapping
@@ -27,10 +29,42 @@ def stack_words(data: bytes, word: int) -> list[int]:
     return memoryview(data[: len(data) - len(data) % word]).cast("Q" if word == 8 else "I").tolist()
 
 
-def thread_words(mem: Memory, maps: list[Mapping], th: Thread, word: int) -> list[int]:
-    """The sorted RIP and ``word``-byte stack words (RSP up to the end of its mapping, at most
-    STACK_SCAN_LIMIT bytes) of the stopped thread ``th``, with RIP - 2 when a syscall restart will rewind it
-    (research §4.3). ``maps`` must be sorted by address (as /proc/PID/maps is)."""
+class ThreadView(NamedTuple):
+    """What of a stopped thread can point into code: ``pcs`` (RIP, and RIP - 2 when a syscall restart will
+    rewind it, research §4.3) and ``stack`` (its used stack, read from a ``word``-aligned RSP)."""
+
+    pcs: tuple[int, ...]
+    stack: bytes
+    word: int
+
+    def touches(self, lo: int, hi: int) -> bool:
+        """True when a pc or a ``word``-byte stack word lies in ``(lo, hi)`` (both excluded).
+
+        Runs while the thread is stopped, over KiBs of stack (glibc puts the thread's TLS and ``struct
+        pthread`` above its stack): for a range inside one 4 GiB block, only the words whose upper half is
+        that block's are decoded, found with ``bytes.find``; the rest never reach Python.
+        """
+        if hi - lo <= 1:
+            return False
+        if any(lo < pc < hi for pc in self.pcs):
+            return True
+        data, word = self.stack, self.word
+        if word != 8 or (lo + 1) >> 32 != (hi - 1) >> 32:
+            return any(lo < w < hi for w in stack_words(data, word))
+        tag = struct.pack("<I", (lo + 1) >> 32)
+        i = data.find(tag, 4)
+        while i != -1:
+            if i % 8 == 4 and i + 4 <= len(data):
+                value = int.from_bytes(data[i - 4 : i + 4], "little")
+                if lo < value < hi:
+                    return True
+            i = data.find(tag, i + 1)
+        return False
+
+
+def look(mem: Memory, maps: list[Mapping], th: Thread, word: int) -> ThreadView:
+    """The :class:`ThreadView` of the stopped thread ``th``: its stack from RSP up to the end of the mapping
+    holding it (at most STACK_SCAN_LIMIT bytes; ``maps`` sorted by address, as /proc/PID/maps is)."""
     regs = th.regs
     assert regs is not None
     rsp = regs.rsp
@@ -39,16 +73,8 @@ def thread_words(mem: Memory, maps: list[Mapping], th: Thread, word: int) -> lis
     if i >= 0 and maps[i].start <= rsp < maps[i].end:
         start = rsp & -word
         data = mem.try_read(start, min(maps[i].end, start + STACK_SCAN_LIMIT) - start) or b""
-    words = [*stack_words(data, word), regs.rip]
-    if th.restarting:
-        words.append(regs.rip - 2)
-    return sorted(words)
-
-
-def hits(words: list[int], lo: int, hi: int) -> bool:
-    """True when a value of the sorted ``words`` lies in ``(lo, hi)`` (``lo`` excluded)."""
-    i = bisect.bisect_right(words, lo)
-    return i < len(words) and words[i] < hi
+    pcs = (regs.rip, regs.rip - 2) if th.restarting else (regs.rip,)
+    return ThreadView(pcs, data, word)
 
 
 def watch_pass(
@@ -59,19 +85,22 @@ def watch_pass(
     a jump a while). Call it once the new code is in place and synced: a thread seen clear can then never
     enter the regions again."""
     busy_by: dict[int, set[tuple[int, int]]] = {}
+    views: dict[int, ThreadView] = {}
 
-    def look(th: Thread) -> None:
-        words = thread_words(mem, maps, th, word)
-        hit = {(a, n) for a, n in watch if hits(words, a - 1, a + n)}
-        if hit:
-            busy_by[th.tid] = hit
-        else:
-            busy_by.pop(th.tid, None)
+    def snapshot(th: Thread) -> None:  # while stopped: read only; judged once it runs again
+        views[th.tid] = look(mem, maps, th, word)
 
     pending = list(world.threads)
     deadline = time.monotonic() + WATCH_S
     while True:
-        world.visit(pending, look)
+        views.clear()
+        world.visit(pending, snapshot)
+        for tid, view in views.items():
+            hit = {(a, n) for a, n in watch if view.touches(a - 1, a + n)}
+            if hit:
+                busy_by[tid] = hit
+            else:
+                busy_by.pop(tid, None)
         pending = [t for t in busy_by if t in world.threads]
         if not pending or time.monotonic() > deadline:
             break

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 
 from .errors import HotpatchError, SiteError, TargetError
-from .inuse import hits, thread_words, watch_pass
+from .inuse import ThreadView, look, watch_pass
 from .process import remote
 from .process.live import LiveWorld
 from .process.maps import Mapping, read_maps
@@ -137,6 +137,7 @@ class LiveCommit:
         self.pid, self.mem, self.stub = pid, mem, stub_area
         self.bitness, self.word = bitness, bitness // 8
         self.changes = list(changes)
+        self._runner_tid = 0  # the thread borrowed to run the program (0: none yet)
         self.edits = [selfloop.Edit(c.address, c.expected, c.new, c.key) for c in self.changes]
         for c in self.changes:
             if not selfloop.key_fits(c.key):
@@ -164,6 +165,7 @@ class LiveCommit:
             finally:
                 world.detach_all()
         report.pause_us = world.longest_one_us
+        report.check_stop_us = max((us for t, us in world.longest_by_tid.items() if t != self._runner_tid), default=0.0)
         report.window_us = (time.perf_counter() - started) * 1e6
         return report
 
@@ -172,6 +174,7 @@ class LiveCommit:
             return
         ranges = [(c.key, c.key + c.span) for c in self.changes if c.span]
         th = self._runner(world, maps, ranges)
+        self._runner_tid = th.tid
         inject = Injector(world, self.mem, self.stub, th)
         try:
             area = inject.mmap(
@@ -226,8 +229,8 @@ class LiveCommit:
             if th is None:
                 continue
             assert th.regs is not None
-            words = thread_words(self.mem, maps, th, self.word)
-            if remote.thread_bitness(th.regs) == self.bitness and not any(hits(words, lo, hi) for lo, hi in ranges):
+            view = look(self.mem, maps, th, self.word)
+            if remote.thread_bitness(th.regs) == self.bitness and not any(view.touches(lo, hi) for lo, hi in ranges):
                 return th
             world.resume_one(tid)
         raise TargetError(f"PID {world.pid} has no thread able to make the change (stopped by job control?)")
@@ -296,8 +299,8 @@ def _rolling(world: LiveWorld, mem: Memory, maps: list[Mapping], ranges: list[tu
     """
     pending = {t for t in world.threads if not world.threads[t].group_stop}
 
-    def clear(words: list[int]) -> bool:
-        return not any(hits(words, lo, hi) for lo, hi in ranges)
+    def clear(view: ThreadView) -> bool:
+        return not any(view.touches(lo, hi) for lo, hi in ranges)
 
     _rolling_rounds(world, mem, maps, pending, clear, time.monotonic() + ROLLING_TIMEOUT_S, word)
 
@@ -307,7 +310,7 @@ def _rolling_rounds(
     mem: Memory,
     maps: list[Mapping],
     pending: set[int],
-    clear: Callable[[list[int]], bool],
+    clear: Callable[[ThreadView], bool],
     deadline: float,
     word: int,
 ) -> None:
@@ -318,9 +321,9 @@ def _rolling_rounds(
             if th is None:
                 pending.discard(tid)
                 continue
-            words = thread_words(mem, maps, th, word)
+            view = look(mem, maps, th, word)
             world.resume_one(tid)
-            if clear(words):
+            if clear(view):
                 pending.discard(tid)
         if pending:
             if time.monotonic() > deadline:

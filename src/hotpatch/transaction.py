@@ -59,12 +59,15 @@ class CommitReport:
     """What a commit did: ``pause_us`` (the longest time any thread was stopped, µs; under protocol B, from
     the first interrupt to the last release), ``threads`` traced, threads ``moved`` out of overwritten bytes
     (B; 0 under A and R, which stop no thread inside), watched regions found ``busy`` (a RIP or a stack word inside
-    them), ``window_us`` the whole commit's length (µs) and the ``protocol`` used."""
+    them), ``window_us`` the whole commit's length (µs) and the ``protocol`` used. ``check_stop_us``: the longest
+    time one thread was stopped other than the one borrowed to run the commit (A and R: protocol R's check and
+    the watch, one thread at a time; B: ``pause_us``), µs."""
 
-    __slots__ = ("busy", "moved", "pause_us", "protocol", "threads", "window_us")
+    __slots__ = ("busy", "check_stop_us", "moved", "pause_us", "protocol", "threads", "window_us")
 
     def __init__(self, protocol: str = "B") -> None:
         self.pause_us = 0.0
+        self.check_stop_us = 0.0
         self.window_us = 0.0
         self.threads = 0
         self.moved = 0
@@ -149,7 +152,7 @@ class Transaction:
                 report.moved = len(moves)
             finally:
                 world.release()
-                report.pause_us = world.longest_stop_us
+                report.pause_us = report.check_stop_us = world.longest_stop_us
             if watch:
                 report.busy = self._watch(watch)
         return report

@@ -40,6 +40,7 @@ class LiveWorld(World):
     def __init__(self, pid: int) -> None:
         super().__init__(pid)
         self.stops_us: list[float] = []
+        self.longest_by_tid: dict[int, float] = {}  # tid -> its longest stop (µs)
         self._wanted: dict[int, float] = {}  # tid -> perf_counter() when its stop was seen (0: asked, not seen)
 
     # -- events -------------------------------------------------------------------------------------
@@ -157,8 +158,14 @@ class LiveWorld(World):
             self.threads.pop(tid, None)
         th.stopped = False
         self._after_release(th)
+        self._stopped_for(th.tid, started)
+
+    def _stopped_for(self, tid: int, started: float | None) -> None:
+        """Account the stop of ``tid`` that was first seen at ``started`` (perf_counter) and ends now."""
         if started:
-            self.stops_us.append((time.perf_counter() - started) * 1e6)
+            us = (time.perf_counter() - started) * 1e6
+            self.stops_us.append(us)
+            self.longest_by_tid[tid] = max(us, self.longest_by_tid.get(tid, 0.0))
 
     # -- many threads -----------------------------------------------------------------------------
     def visit(self, tids: list[int], fn: Callable[[Thread], None], detach: bool = False) -> None:
@@ -184,8 +191,7 @@ class LiveWorld(World):
         except PtraceError:
             pass
         self._after_release(th)
-        if started:
-            self.stops_us.append((time.perf_counter() - started) * 1e6)
+        self._stopped_for(th.tid, started)
         self.threads.pop(th.tid, None)
 
     def detach_all(self) -> None:
