@@ -168,9 +168,12 @@ class World:
     def stop(self, tids: list[int] | None = None) -> None:
         """Interrupt the given (default: all) seized threads and wait until each is stopped.
 
-        Newly cloned threads are stopped too. Afterwards ``/proc/PID/task`` is rescanned and any thread
-        not yet seized is seized and stopped. Raises TargetError on timeout (after releasing nothing:
-        the caller's context manager releases) or when the process exits.
+        Newly cloned threads are stopped too. With every thread (default), the stop is complete when the
+        process's thread count (``Threads:``, proc(5)) equals the threads held, all stopped: no clone can be
+        under way then. Otherwise ``/proc/PID/task`` is rescanned and any thread not yet seized is seized and
+        stopped (a clone that was under way when its parent was seized, research §3.1). A thread that reports
+        a stop inside ``clone()`` is let finish it and stopped again. Raises TargetError on timeout (after
+        releasing nothing: the caller's context manager releases) or when the process exits.
         """
         want = list(self.threads) if tids is None else tids
         if self._stopped_at is None:
