@@ -180,8 +180,8 @@ class World:
             self._stopped_at = time.perf_counter()
         # Many threads: the interrupts go out back to back at SCHED_FIFO (threads they wake do not preempt the
         # loop), then the CPUs are left to the threads to reach their stops, and the tool is boosted again once
-        # all are stopped (bench_pause.py --protocol stop-the-world --threads 512, 2 runs each, noisy: 10.1-10.3
-        # ms per thread against 12.3-13.7 ms when boosting throughout or only once all are stopped).
+        # all are stopped (bench_pause.py --protocol stop-the-world --threads 512, 2 runs each, noisy: 10.0-10.3
+        # ms per thread against 10.5-12.4 ms when boosting throughout or only once all are stopped).
         many = len(want) > BATCH_BOOST_MIN and self._old_sched is None  # (a caller's boost is kept)
         if many:
             self.boost()
