@@ -1,6 +1,6 @@
 /* churn.c - threads come and go while hotpatch stops the world (tests/test_churn.py).
  *
- * compute(x) is the multi-instruction entry of kill_target.c (3x+1; the patch returns 3x+2). Two checker
+ * compute(x) is compute_short_insns.h (3x+1; the patch returns 3x+2). Two checker
  * threads call it in a tight loop; a spawner thread creates short-lived threads, each making 2000 checked
  * calls, and joins them, over and over: clones are under way at any moment of a stop-the-world. Any result
  * other than 3x+1 or 3x+2 prints "WRONG" and exits with status 3. Prints "ready", then, at end of stdin,
@@ -11,20 +11,7 @@
 #include <stdio.h>
 #include <unistd.h>
 
-int compute(int x);
-
-__asm__(
-    "    .text\n"
-    "    .globl compute\n"
-    "    .type compute, @function\n"
-    "    .p2align 4\n"
-    "compute:\n"
-    "    movl %edi, %eax\n"
-    "    addl %eax, %eax\n"
-    "    addl %edi, %eax\n"
-    "    addl $1, %eax\n"
-    "    ret\n"
-    "    .size compute, .-compute\n");
+#include "compute_short_insns.h"
 
 static atomic_long spawned;
 

@@ -1,9 +1,7 @@
 /* kill_target.c - the target of tests/test_kill.py: threads call compute() in a tight loop and check it.
  *
- * compute(x) is assembly whose first 5 bytes hold three short instructions, so a thread stopped by hotpatch
- * is often inside the bytes the jump overwrites (and must be moved into the trampoline):
- *     mov %edi,%eax (2) ; add %eax,%eax (2) ; add %edi,%eax (2) ; add $1,%eax (3) ; ret   ->  3*x + 1
- * The patch returns 3*x + 2. Every worker thread checks each result: the old or the new value, anything else
+ * compute(x) = 3*x + 1 is compute_short_insns.h: three short instructions in the 5 bytes the jump overwrites,
+ * so a thread stopped by hotpatch is often inside them. The patch returns 3*x + 2. Every worker thread checks each result: the old or the new value, anything else
  * prints "WRONG x=.. got=.." and ends the process with exit status 3 at once.
  *
  * Start: "addr compute 0x..", then "ready" once every worker has made a call. Each stdin line "stats" prints
@@ -17,20 +15,7 @@
 
 #define WORKERS 4
 
-int compute(int x);
-
-__asm__(
-    "    .text\n"
-    "    .globl compute\n"
-    "    .type compute, @function\n"
-    "    .p2align 4\n"
-    "compute:\n"
-    "    movl %edi, %eax\n"
-    "    addl %eax, %eax\n"
-    "    addl %edi, %eax\n"
-    "    addl $1, %eax\n"
-    "    ret\n"
-    "    .size compute, .-compute\n");
+#include "compute_short_insns.h"
 
 static atomic_long old_seen, new_seen;
 static atomic_int started;

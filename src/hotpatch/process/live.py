@@ -5,13 +5,15 @@ never ``EXITKILL``) and then only reacts to what the threads report:
 
 * a signal-delivery-stop: the signal is re-injected at once (``PTRACE_CONT`` with it), so a signal
   flood only costs each thread one tracer round trip per signal;
-* ``PTRACE_EVENT_CLONE``: the new thread is traced automatically and let go at its first stop;
+* ``PTRACE_EVENT_CLONE``: the new thread is traced automatically and let go at its first stop; the parent's
+  stop inside ``clone()`` is no place to look at a thread, so one asked to stop there is let finish the call
+  and interrupted again;
 * a group-stop (SIGSTOP…): left stopped, detached as it is.
 
 A thread is stopped only when asked (:meth:`stop_one`), one at a time, and each stop's length — from the
 moment the tracer sees it stopped to its resumption; a thread waiting for a CPU stops only when it gets one —
-is kept in ``stops_us``. To leave, :meth:`detach_all` stops each thread alone just long enough for ``PTRACE_DETACH``
-(which needs a stopped tracee, ptrace(2)).
+is kept per thread in ``longest_by_tid``. To leave, :meth:`detach_all` stops each thread alone just long
+enough for ``PTRACE_DETACH`` (which needs a stopped tracee, ptrace(2)).
 """
 
 from __future__ import annotations
@@ -34,12 +36,11 @@ no other thread is held meanwhile, and a nice-19 thread on a saturated machine c
 
 
 class LiveWorld(World):
-    """All threads of ``pid`` seized and running; ``stops_us`` holds the length (µs) of every stop this
-    object asked for. Raises TargetError as :class:`World` does."""
+    """All threads of ``pid`` seized and running; ``longest_by_tid`` holds, per thread, the longest stop (µs)
+    this object asked for. Raises TargetError as :class:`World` does."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(pid)
-        self.stops_us: list[float] = []
         self.longest_by_tid: dict[int, float] = {}  # tid -> its longest stop (µs)
         self._wanted: dict[int, float] = {}  # tid -> perf_counter() when its stop was seen (0: asked, not seen)
 
@@ -66,15 +67,7 @@ class LiveWorld(World):
         sig = os.WSTOPSIG(status)
         event = ptrace.stop_event(status)
         try:
-            if event == ptrace.PTRACE_EVENT_CLONE:
-                child = ptrace.event_msg(tid)
-                self.threads.setdefault(child, Thread(child))
-                ptrace.cont(tid)  # (a stop inside clone(): no place to inject into or to judge a RIP)
-                if tid in self._wanted:
-                    # this stop consumed our PTRACE_INTERRUPT ("any trap clears pending STOP trap",
-                    # kernel/signal.c ptrace_stop): ask again, for a stop once clone() has returned
-                    ptrace.interrupt(tid)
-            elif event == ptrace.PTRACE_EVENT_STOP:
+            if event == ptrace.PTRACE_EVENT_STOP:
                 if tid in self._wanted:
                     self._mark_stopped(th)
                 elif sig in GROUP_STOP_SIGNALS:
@@ -88,10 +81,15 @@ class LiveWorld(World):
                     self._mark_stopped(th)
                 else:
                     ptrace.cont(tid, sig)
-            elif tid in self._wanted:  # another event stop: it consumed the interrupt as well
-                self._mark_stopped(th)
-            else:
+            else:  # an event stop inside a system call (PTRACE_EVENT_CLONE): no place to inject or judge a RIP
+                if event == ptrace.PTRACE_EVENT_CLONE:
+                    child = ptrace.event_msg(tid)
+                    self.threads.setdefault(child, Thread(child))
                 ptrace.cont(tid)
+                if tid in self._wanted:
+                    # this stop consumed our PTRACE_INTERRUPT ("any trap clears pending STOP trap",
+                    # kernel/signal.c ptrace_stop): ask again, for a stop once the call has returned
+                    ptrace.interrupt(tid)
         except PtraceError:
             self.threads.pop(tid, None)  # it died meanwhile
 
@@ -146,7 +144,7 @@ class LiveWorld(World):
 
     def resume_one(self, tid: int) -> None:
         """Let a thread stopped by :meth:`stop_one` run again (with its registers written back and a signal
-        it reported re-injected); its stop length is added to ``stops_us``."""
+        it reported re-injected); its stop length is accounted in ``longest_by_tid``."""
         th = self.threads.get(tid)
         started = self._wanted.pop(tid, None)
         if th is None or not th.stopped or th.group_stop:
@@ -164,7 +162,6 @@ class LiveWorld(World):
         """Account the stop of ``tid`` that was first seen at ``started`` (perf_counter) and ends now."""
         if started:
             us = (time.perf_counter() - started) * 1e6
-            self.stops_us.append(us)
             self.longest_by_tid[tid] = max(us, self.longest_by_tid.get(tid, 0.0))
 
     # -- many threads -----------------------------------------------------------------------------
@@ -210,4 +207,4 @@ class LiveWorld(World):
     @property
     def longest_one_us(self) -> float:
         """The longest single-thread stop so far, in µs (0 when none)."""
-        return max(self.stops_us, default=0.0)
+        return max(self.longest_by_tid.values(), default=0.0)
