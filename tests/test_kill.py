@@ -4,7 +4,7 @@ Random points. The target (``targets/kill_target.c``) has four threads calling `
 and checking every result (the old 3x+1 or the patched 3x+2; anything else ends it with exit status 3). A
 normal apply is measured first: its duration, and when the tool holds the target. There are two kinds of
 hold: a short stop of the main thread alone for injected system calls (mmap, mprotect, ...), and the commit,
-where every thread is stopped (a worker thread's ``TracerPid`` is the tool). ``hotpatch apply`` is then
+where every thread is stopped (a worker thread's ``TracerPid`` is a thread of the tool). ``hotpatch apply`` is then
 started again and again and SIGKILLed, by PID, either at a fraction of the measured duration after its
 start, or a given number of microseconds into the commit or after it (busy-waiting on ``time.perf_counter``
 for sub-millisecond precision). Kills land anywhere, injected-system-call holds included
@@ -50,7 +50,7 @@ from elftools.elf.elffile import ELFFile
 
 import hotpatch
 from conftest import TARGETS, Procs, assert_running, compile_program, run_cli, wait_for_line
-from hotpatch.process.threads import tracer_of
+from hotpatch.process.threads import tracing_process
 
 PATCH_SOURCE = "int compute(int x) { return 3 * x + 2; }\n"
 PATCH_NAME = "kill_patch"
@@ -244,7 +244,7 @@ def run_watched(procs: Procs, t: Target, args: list[str], watched: int | None = 
     t0 = time.perf_counter()
     start = end = 0.0
     while p.poll() is None:
-        held = tracer_of(t.pid, worker) == p.pid
+        held = tracing_process(t.pid, worker) == p.pid
         now = time.perf_counter() - t0
         if held and not start:
             start = now
@@ -267,9 +267,9 @@ def kill_tool(procs: Procs, t: Target, args: list[str], point: tuple[str, float]
     if mode == "time":
         spin_until(t0 + delay)
     else:
-        while p.poll() is None and tracer_of(t.pid, worker) != p.pid:
+        while p.poll() is None and tracing_process(t.pid, worker) != p.pid:
             pass
-        while mode == "after" and p.poll() is None and tracer_of(t.pid, worker) == p.pid:
+        while mode == "after" and p.poll() is None and tracing_process(t.pid, worker) == p.pid:
             pass
         spin_until(time.perf_counter() + delay)
     killed = p.poll() is None
@@ -803,7 +803,7 @@ def test_command_waiting_for_the_lock_when_a_no_stop_apply_is_killed(
         env={**os.environ, "HOTPATCH_TEST_DELAY_S": "1.0"},
     )
     deadline = time.monotonic() + 30
-    while tracer_of(t.pid) != tool1.pid:  # tool 1 holds the lock and the seized threads, before _launch
+    while tracing_process(t.pid) != tool1.pid:  # tool 1 holds the lock and the seized threads, before _launch
         assert tool1.poll() is None and time.monotonic() < deadline, "tool 1 never reached the commit"
         time.sleep(0.01)
     out = cli_ok("revert", "--pid", t.pid, "--all")  # waits for the lock, runs the moment tool 1 dies

@@ -16,7 +16,8 @@ behind: the program ends on its own. Steps:
 4. The program writes the other bytes, syncs, writes each key's new first word, syncs, and returns its
    thread to what it was doing. The tool unmaps the two pages once that thread has left them.
 
-Catchable signals are blocked in the tool while the window is open.
+Catchable signals are blocked in the tool while the window is open. Each commit runs on a thread of its own
+whose exit detaches every seized thread (:mod:`hotpatch.process.tracer`): leaving costs no stop.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .process.memory import Memory
 from .process.ptrace import Regs
 from .process.remote import Injector
 from .process.threads import Thread, list_tids, thread_state
+from .process.tracer import run_as_tracer
 from .transaction import CommitReport, SiteChange, check_bytes, signals_blocked
 from .x86 import selfloop, stub
 
@@ -79,6 +81,26 @@ def _left_programs(mem: Memory, maps: list[Mapping]) -> list[int]:
     return out
 
 
+def _running_programs(pid: int, pending: list[int]) -> set[int]:
+    """The code pages of ``pending`` some thread of ``pid`` has its RIP in, threads looked at one at a time
+    (run on a tracer thread: its exit detaches them)."""
+    live: set[int] = set()
+    world = LiveWorld(pid, exit_detaches=True)
+    with signals_blocked():
+        try:
+            world.seize()
+            for tid in list(world.threads):
+                th = world.stop_one(tid)
+                if th is None:
+                    continue
+                assert th.regs is not None
+                live |= {a for a in pending if a <= th.regs.rip < a + selfloop.PAGE}
+                world.resume_one(tid)
+        finally:
+            world.detach_all()
+    return live
+
+
 def settle_programs(pid: int, mem: Memory, maps: list[Mapping]) -> None:
     """Wait for every commit program a killed tool left in ``pid`` to end, before anything is read from the
     code or the record: between its launch and its first store (a membarrier registration can take ms), the
@@ -92,20 +114,7 @@ def settle_programs(pid: int, mem: Memory, maps: list[Mapping]) -> None:
     pending = _left_programs(mem, maps)
     if not pending:
         return
-    live: set[int] = set()
-    world = LiveWorld(pid)
-    with signals_blocked():
-        try:
-            world.seize()
-            for tid in list(world.threads):
-                th = world.stop_one(tid)
-                if th is None:
-                    continue
-                assert th.regs is not None
-                live |= {a for a in pending if a <= th.regs.rip < a + selfloop.PAGE}
-                world.resume_one(tid)
-        finally:
-            world.detach_all()
+    live = run_as_tracer(lambda: _running_programs(pid, pending))
     deadline = time.monotonic() + PROGRAM_TIMEOUT_S
     for area in pending:
         state = area + selfloop.PAGE + selfloop.D_STATE
@@ -147,9 +156,13 @@ class LiveCommit:
         """Apply every change. Raises MismatchError when a site's bytes differ from the expected ones
         (nothing written), RollingTimeout when protocol R cannot see every thread leave the overwritten bytes
         in time, TargetError when the target cannot be traced or the program fails (the old bytes are back
-        in every case)."""
+        in every case). The work runs on a tracer thread (:mod:`hotpatch.process.tracer`), whose exit detaches
+        every thread without stopping it."""
+        return run_as_tracer(lambda: self._run(watch))
+
+    def _run(self, watch: Sequence[tuple[int, int]]) -> CommitReport:
         report = CommitReport()
-        world = LiveWorld(self.pid)
+        world = LiveWorld(self.pid, exit_detaches=True)
         maps = read_maps(self.pid)
         started = time.perf_counter()
         with signals_blocked():

@@ -28,6 +28,7 @@ from .process.live import LiveWorld
 from .process.maps import read_maps
 from .process.memory import Memory
 from .process.threads import Thread, World
+from .process.tracer import run_as_tracer
 
 
 class SiteChange(NamedTuple):
@@ -123,9 +124,19 @@ class Transaction:
 
     def commit(self, watch: Sequence[tuple[int, int]] = ()) -> CommitReport:
         """Apply every queued change under protocol B. Raises MismatchError when a site's bytes differ from
-        the expected ones (nothing written), TargetError when the target cannot be stopped or exits."""
+        the expected ones (nothing written), TargetError when the target cannot be stopped or exits.
+
+        The stop runs on a tracer thread (:mod:`hotpatch.process.tracer`): the threads resume when it exits, in
+        one pass of the kernel; ``pause_us`` ends when its work ends, before that exit. The watch, on another
+        tracer thread, follows."""
+        report = run_as_tracer(self._commit_stopped)
+        if watch:
+            report.busy = run_as_tracer(lambda: self._watch(watch))
+        return report
+
+    def _commit_stopped(self) -> CommitReport:
         report = CommitReport()
-        world = World(self.pid)
+        world = World(self.pid, exit_detaches=True)
         with signals_blocked():
             try:
                 world.seize()
@@ -153,13 +164,11 @@ class Transaction:
             finally:
                 world.release()
                 report.pause_us = report.check_stop_us = world.longest_stop_us
-            if watch:
-                report.busy = self._watch(watch)
         return report
 
     def _watch(self, watch: Sequence[tuple[int, int]]) -> set[tuple[int, int]]:
         """The regions of ``watch`` still in use, each thread looked at on its own (the new code is written)."""
-        live = LiveWorld(self.pid)
+        live = LiveWorld(self.pid, exit_detaches=True)
         try:
             live.seize()
             return watch_pass(live, self.mem, read_maps(self.pid), watch, self.word)

@@ -13,7 +13,9 @@ never ``EXITKILL``) and then only reacts to what the threads report:
 A thread is stopped only when asked (:meth:`stop_one`), one at a time, and each stop's length — from the
 moment the tracer sees it stopped to its resumption; a thread waiting for a CPU stops only when it gets one —
 is kept per thread in ``longest_by_tid``. To leave, :meth:`detach_all` stops each thread alone just long
-enough for ``PTRACE_DETACH`` (which needs a stopped tracee, ptrace(2)).
+enough for ``PTRACE_DETACH`` (which needs a stopped tracee, ptrace(2)) — unless the world was made with
+``exit_detaches`` on a tracer thread (:mod:`hotpatch.process.tracer`), whose exit detaches every thread with
+none stopped.
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ no other thread is held meanwhile, and a nice-19 thread on a saturated machine c
 
 class LiveWorld(World):
     """All threads of ``pid`` seized and running; ``longest_by_tid`` holds, per thread, the longest stop (µs)
-    this object asked for. Raises TargetError as :class:`World` does."""
+    this object asked for. ``exit_detaches``: as for :class:`World`. Raises TargetError as :class:`World` does."""
 
-    def __init__(self, pid: int) -> None:
-        super().__init__(pid)
+    def __init__(self, pid: int, exit_detaches: bool = False) -> None:
+        super().__init__(pid, exit_detaches)
         self.longest_by_tid: dict[int, float] = {}  # tid -> its longest stop (µs)
         self._wanted: dict[int, float] = {}  # tid -> perf_counter() when its stop was seen (0: asked, not seen)
 
@@ -193,7 +195,11 @@ class LiveWorld(World):
 
     def detach_all(self) -> None:
         """Detach every thread (``PTRACE_DETACH`` needs a stopped tracee: each is stopped alone and detached
-        at once); never raises for threads that vanished."""
+        at once); never raises for threads that vanished. With ``exit_detaches`` no thread is stopped: the
+        tracer thread's exit detaches them all."""
+        if self.exit_detaches:
+            self.release()  # registers written back, kept signals delivered; the exit does the rest
+            return
         for _ in range(100):
             self.pump()
             if not self.threads:

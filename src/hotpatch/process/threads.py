@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 
 from ..errors import TargetError
-from . import ptrace
+from . import ptrace, tracer
 from .ptrace import PtraceError, Regs
 
 GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
@@ -88,6 +88,15 @@ def tracer_of(pid: int, tid: int | None = None) -> int:
     return _status_number(path, "TracerPid:")
 
 
+def tracing_process(pid: int, tid: int | None = None) -> int:
+    """The PID of the process one of whose threads traces thread ``tid`` (default: the main thread) of
+    ``pid``: TracerPid names the tracing *thread* (proc(5); fs/proc/array.c prints ``task_pid_nr_ns`` of
+    the tracer), and hotpatch traces from a thread of its own (:mod:`hotpatch.process.tracer`). 0 when
+    untraced or gone."""
+    tracer = tracer_of(pid, tid)
+    return _status_number(f"/proc/{tracer}/status", "Tgid:") if tracer else 0
+
+
 def thread_state(pid: int, tid: int) -> str:
     """The scheduler state letter of thread ``tid`` (proc(5), /proc/PID/task/TID/stat: R running, S sleeping,
     D disk sleep, T/t stopped, Z zombie); ``X`` when it is gone."""
@@ -113,12 +122,15 @@ class World:
     """All threads of one target, seized for the lifetime of the object.
 
     ``seize()`` attaches without stopping; ``stop()`` stops every thread and reads its registers;
-    ``release()`` detaches all, re-injecting kept signals.
+    ``release()`` detaches all, re-injecting kept signals. With ``exit_detaches`` on a thread made by
+    :func:`hotpatch.process.tracer.run_as_tracer` (and the first such World there), ``release()`` only writes
+    registers back and leaves the detaching to the thread's exit; elsewhere the flag is ignored.
     Raises TargetError when the target is gone, not traceable, or a thread cannot be stopped in time.
     """
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, exit_detaches: bool = False) -> None:
         self.pid = pid
+        self.exit_detaches = exit_detaches and tracer.claim_exit()
         self.threads: dict[int, Thread] = {}
         self.longest_stop_us = 0.0  # the longest window in which threads were stopped, in µs
         self._stopped_at: float | None = None
@@ -277,13 +289,17 @@ class World:
 
     def release(self) -> None:
         """Detach from every thread, delivering kept signals; never raises for threads that vanished. A thread
-        still running is interrupted and waited for (up to RELEASE_TIMEOUT_S), as PTRACE_DETACH needs a stop."""
+        still running is interrupted and waited for (up to RELEASE_TIMEOUT_S), as PTRACE_DETACH needs a stop.
+        With ``exit_detaches``, registers are written back and only threads with a kept signal are detached
+        here (the signal of their stop may no longer be the one kept); the rest go when the tracer thread
+        exits, which also keeps the tool's SCHED_FIFO boost until then."""
         for th in list(self.threads.values()):
             try:
                 if th.stopped:
                     self._flush(th)
-                    ptrace.detach(th.tid, th.signal)
-                else:
+                    if th.signal or not self.exit_detaches:
+                        ptrace.detach(th.tid, th.signal)
+                elif not self.exit_detaches:
                     # a running tracee must be stopped before PTRACE_DETACH
                     ptrace.interrupt(th.tid)
                     self._wait_stopped(th.tid, RELEASE_TIMEOUT_S)
@@ -328,11 +344,13 @@ class World:
             self._old_sched = None
 
     def _running(self) -> None:
-        """Every thread runs again: close the stop window, drop the boost."""
+        """Every thread runs again (or will, at the tracer thread's exit): close the stop window, drop the
+        boost (kept to the exit with ``exit_detaches``)."""
         if self._stopped_at is not None:
             self.longest_stop_us = max(self.longest_stop_us, (time.perf_counter() - self._stopped_at) * 1e6)
             self._stopped_at = None
-        self._unboost()
+        if not self.exit_detaches:
+            self._unboost()
 
     def _after_release(self, th: Thread) -> None:
         for sig in th.extra_signals:
