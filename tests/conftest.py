@@ -17,9 +17,30 @@ import pytest
 
 from procs import Procs
 
-__all__ = ["TARGETS", "Procs", "assert_running", "compile_program", "run_cli", "thread_states", "wait_for_line"]
+__all__ = [
+    "INJECTOR_SETUP",
+    "TARGETS",
+    "Procs",
+    "assert_running",
+    "compile_program",
+    "run_cli",
+    "thread_states",
+    "wait_for_line",
+]
 
 TARGETS = Path(__file__).parent / "targets"
+
+# For scripts that inject into thread ``tid`` of ``pid`` (names they define, with remote, read_maps, Memory and
+# World imported): finds the stub area and prints it, stops the thread, makes ``inject``.
+INJECTOR_SETUP = """\
+mem = Memory(pid)
+area = remote.find_stub_area(pid, read_maps(pid), mem)
+print(hex(area), flush=True)
+world = World(pid)
+world.seize_thread(tid)
+world.stop([tid])
+inject = remote.Injector(world, mem, area, world.threads[tid])
+"""
 
 
 def compile_program(src: Path, out: Path, *flags: str, shared: bool = False) -> Path:

@@ -39,7 +39,7 @@ import iced_x86 as iced
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from conftest import TARGETS, Procs, assert_running, compile_program, wait_for_line
+from conftest import INJECTOR_SETUP, TARGETS, Procs, assert_running, compile_program, wait_for_line
 from hotpatch.elf.image import ElfImage, open_elf
 from hotpatch.errors import PatchFileError
 from hotpatch.loader import Layout, load
@@ -617,7 +617,8 @@ def test_injection_with_explicit_bitness(target32: Target32) -> None:
 # Injects one mmap2 into thread ARGV[2] of PID ARGV[1] and SIGKILLs itself right after the first call of
 # hotpatch.process.ptrace.ARGV[3]: set_regs (the thread points at the stub, not yet resumed) or syscall (it was
 # resumed into the call). Prints the stub address first.
-KILL_SCRIPT = """\
+KILL_SCRIPT = (
+    """\
 import os, signal, sys
 from hotpatch.process import ptrace, remote
 from hotpatch.process.maps import read_maps
@@ -629,16 +630,13 @@ def then_die(*args, **kwargs):
     original(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGKILL)
 setattr(ptrace, where, then_die)
-mem = Memory(pid)
-area = remote.find_stub_area(pid, read_maps(pid), mem)
-print(hex(area), flush=True)
-world = World(pid)
-world.seize_thread(tid)
-world.stop([tid])
-inject = remote.Injector(world, mem, area, world.threads[tid])
+"""
+    + INJECTOR_SETUP
+    + """\
 inject.mmap(0, 4096, remote.PROT_READ, remote.MAP_PRIVATE | remote.MAP_ANONYMOUS)
 print("not killed", flush=True)
 """
+)
 
 
 @pytest.mark.parametrize("where", ["set_regs", "syscall"])

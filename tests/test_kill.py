@@ -49,8 +49,10 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 import hotpatch
-from conftest import TARGETS, Procs, assert_running, compile_program, run_cli, wait_for_line
+from conftest import INJECTOR_SETUP, TARGETS, Procs, assert_running, compile_program, run_cli, wait_for_line
+from hotpatch.process.memory import Memory
 from hotpatch.process.threads import tracing_process
+from hotpatch.x86 import stub
 
 PATCH_SOURCE = "int compute(int x) { return 3 * x + 2; }\n"
 PATCH_NAME = "kill_patch"
@@ -509,8 +511,12 @@ def test_target_killed_during_injected_syscall(tmp_path: Path, procs: Procs) -> 
     t, patch = start_compute_target(tmp_path, procs)
     script = tmp_path / "target_dies.py"
     script.write_text(TARGET_DIES_SCRIPT)
-    res = subprocess.run([sys.executable, script, str(t.pid), "apply", "--pid", str(t.pid), patch],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, script, str(t.pid), "apply", "--pid", str(t.pid), patch],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode != 0
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "internal error" not in lines[0], res.stderr
@@ -526,6 +532,61 @@ def test_repeated_kills_during_injection_leave_room_for_the_stub(tmp_path: Path,
         run_and_die_after(procs, tmp_path, "hotpatch.process.ptrace.syscall", "apply", "--pid", t.pid, patch)
         wait_running(t)
     cli_ok("apply", "--pid", t.pid, patch)
+    cli_ok("revert", "--pid", t.pid, "--all")
+    finish(t)
+
+
+# Injects poll(NULL, 0, ARGV[3] ms) into thread ARGV[2] of PID ARGV[1] through the syscall stub and SIGKILLs
+# itself while the thread sleeps in that call: the thread goes on sleeping inside the stub the tool leaves.
+# Prints the stub address first.
+STUB_SLEEP_SCRIPT = (
+    """\
+import os, signal, sys, threading
+from hotpatch.process import remote
+from hotpatch.process.maps import read_maps
+from hotpatch.process.memory import Memory
+from hotpatch.process.threads import World
+pid, tid, ms = map(int, sys.argv[1:4])
+"""
+    + INJECTOR_SETUP
+    + """\
+threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+inject(7, 0, 0, ms)  # poll
+"""
+)
+POLL_MS = 4000
+
+
+def in_poll(pid: int, tid: int) -> bool:
+    """Thread ``tid`` is blocked in poll(2) (/proc/PID/task/TID/syscall starts with 7), or in the
+    restart_syscall (219) that resumes it after a ptrace stop interrupted it."""
+    with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+        return f.read().split()[0] in ("7", "219")
+
+
+def test_a_stub_left_with_a_thread_inside_is_not_reused(tmp_path: Path, procs: Procs) -> None:
+    """A killed tool leaves a thread asleep in an injected call, inside the stub: the next command must not
+    write its own stub there (the thread would come back through another thread's registers, or through the
+    zeros of an erased stub). Before the fix the target died of SIGSEGV once the poll returned."""
+    t, patch = start_compute_target(tmp_path, procs)
+    worker = a_worker(t.pid)
+    script = tmp_path / "stub_sleep.py"
+    script.write_text(STUB_SLEEP_SCRIPT)
+    tool = procs.start(sys.executable, script, str(t.pid), str(worker), str(POLL_MS))
+    out, err = tool.communicate(timeout=30)
+    assert tool.returncode == -signal.SIGKILL, (out, err)
+    area = int(out.split()[0], 16)
+    assert in_poll(t.pid, worker)
+    with Memory(t.pid) as mem:
+        assert mem.read(area, len(stub.SIGNATURE)) == stub.SIGNATURE  # left behind, the worker inside
+    cli_ok("apply", "--pid", t.pid, patch)
+    assert in_poll(t.pid, worker), "the apply took longer than the poll: nothing was tested"
+    deadline = time.monotonic() + POLL_MS / 1000 + 5
+    while in_poll(t.pid, worker):
+        assert time.monotonic() < deadline, "the worker never left its poll"
+        time.sleep(0.05)
+    time.sleep(0.2)  # it runs the stub's restore code and goes back to its loop
+    wait_running(t)
     cli_ok("revert", "--pid", t.pid, "--all")
     finish(t)
 

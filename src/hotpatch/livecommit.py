@@ -32,7 +32,7 @@ from contextlib import suppress
 from .errors import HotpatchError, SiteError, TargetError
 from .inuse import ThreadView, look, watch_pass
 from .process import remote
-from .process.live import LiveWorld
+from .process.live import LiveWorld, next_pcs
 from .process.maps import Mapping, read_maps
 from .process.memory import Memory
 from .process.ptrace import Regs
@@ -81,26 +81,6 @@ def _left_programs(mem: Memory, maps: list[Mapping]) -> list[int]:
     return out
 
 
-def _running_programs(pid: int, pending: list[int]) -> set[int]:
-    """The code pages of ``pending`` some thread of ``pid`` has its RIP in, threads looked at one at a time
-    (run on a tracer thread: its exit detaches them)."""
-    live: set[int] = set()
-    world = LiveWorld(pid, exit_detaches=True)
-    with signals_blocked():
-        try:
-            world.seize()
-            for tid in list(world.threads):
-                th = world.stop_one(tid)
-                if th is None:
-                    continue
-                assert th.regs is not None
-                live |= {a for a in pending if a <= th.regs.rip < a + selfloop.PAGE}
-                world.resume_one(tid)
-        finally:
-            world.detach_all()
-    return live
-
-
 def settle_programs(pid: int, mem: Memory, maps: list[Mapping]) -> None:
     """Wait for every commit program a killed tool left in ``pid`` to end, before anything is read from the
     code or the record: between its launch and its first store (a membarrier registration can take ms), the
@@ -114,7 +94,7 @@ def settle_programs(pid: int, mem: Memory, maps: list[Mapping]) -> None:
     pending = _left_programs(mem, maps)
     if not pending:
         return
-    live = run_as_tracer(lambda: _running_programs(pid, pending))
+    live = {a for pcs in next_pcs(pid).values() for pc in pcs for a in pending if a <= pc < a + selfloop.PAGE}
     deadline = time.monotonic() + PROGRAM_TIMEOUT_S
     for area in pending:
         state = area + selfloop.PAGE + selfloop.D_STATE

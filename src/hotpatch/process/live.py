@@ -29,6 +29,7 @@ from ..errors import TargetError
 from . import ptrace
 from .ptrace import PtraceError
 from .threads import GROUP_STOP_SIGNALS, Thread, World
+from .tracer import run_as_tracer
 
 SPIN_S = 0.0002  # seconds polling the one awaited thread before sleeping on SIGCHLD
 LIVE_STOP_TIMEOUT_S = 10.0
@@ -214,3 +215,28 @@ class LiveWorld(World):
     def longest_one_us(self) -> float:
         """The longest single-thread stop so far, in µs (0 when none)."""
         return max(self.longest_by_tid.values(), default=0.0)
+
+
+def next_pcs(pid: int) -> dict[int, tuple[int, ...]]:
+    """Per thread of ``pid`` (tid → addresses), where it executes next: its RIP, and RIP - 2 as well when the
+    kernel will restart its system call there (research §4.3). Each thread is stopped alone for a register
+    read, on a tracer thread (:mod:`hotpatch.process.tracer`). Raises TargetError as :meth:`LiveWorld.seize`
+    does."""
+
+    def look() -> dict[int, tuple[int, ...]]:
+        pcs: dict[int, tuple[int, ...]] = {}
+        world = LiveWorld(pid, exit_detaches=True)
+        try:
+            world.seize()
+            for tid in list(world.threads):
+                th = world.stop_one(tid)
+                if th is None:
+                    continue
+                assert th.regs is not None
+                pcs[tid] = (th.regs.rip, th.regs.rip - 2) if th.restarting else (th.regs.rip,)
+                world.resume_one(tid)
+            return pcs
+        finally:
+            world.detach_all()
+
+    return run_as_tracer(look)

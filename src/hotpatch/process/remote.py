@@ -32,6 +32,7 @@ from ..errors import HotpatchError, TargetError
 from ..x86 import stub as x86stub
 from ..x86 import stub32
 from . import ptrace
+from .live import next_pcs
 from .maps import USER_TOP, Mapping, mapped_file, page_up
 from .memory import Memory
 from .threads import Thread, World, is_zombie, list_tids, thread_state
@@ -155,8 +156,11 @@ def find_stub_area(pid: int, maps: list[Mapping], mem: Memory) -> int:
 
     They lie after the end of a module's executable PT_LOAD, in the last page of its mapping: the file's
     padding up to the page boundary (System V gABI, "Program Loading"), executable but not code. A stub left
-    there by a killed hotpatch counts as free. The executable is tried first, then the other modules; ELF64
-    and ELF32 modules alike. Raises TargetError when no module has such room.
+    there by a killed hotpatch counts as free once no thread runs in it (:func:`threads_inside`: the thread
+    it was injected into may still sit in its system call, or be preempted in its restore code; writing a
+    new stub there would send that thread back with another thread's registers). The executable is tried
+    first, then the other modules; ELF64 and ELF32 modules alike. Raises TargetError when no module has
+    such room.
     """
     for m in sorted((m for m in maps if m.executable and m.path.startswith("/")), key=lambda m: m.start):
         try:
@@ -171,16 +175,23 @@ def find_stub_area(pid: int, maps: list[Mapping], mem: Memory) -> int:
                 start = m.start + (end_off - m.offset)
                 start = (start + 15) & ~15
                 fits = page_up(start) == m.end and m.end - start >= STUB_ROOM
-                if fits and _free_for_stub(mem.try_read(start, STUB_ROOM)):
+                data = mem.try_read(start, STUB_ROOM) if fits else None
+                if data == bytes(STUB_ROOM) or (_left_stub(data) and not threads_inside(pid, start, STUB_ROOM)):
                     return start
         finally:
             img.close()
     raise TargetError("the target has no executable padding to hold hotpatch's syscall stub")
 
 
-def _free_for_stub(data: bytes | None) -> bool:
-    """Zero padding, or the stub a killed hotpatch left there (its thread ran through it long ago)."""
-    return data is not None and (data == bytes(len(data)) or any(data.startswith(a.signature) for a in ARCHES.values()))
+def _left_stub(data: bytes | None) -> bool:
+    """The bytes of a stub a killed hotpatch left (it starts with a stub's signature)."""
+    return data is not None and any(data.startswith(a.signature) for a in ARCHES.values())
+
+
+def threads_inside(pid: int, addr: int, size: int) -> bool:
+    """True when a thread of ``pid`` executes next inside ``[addr, addr + size)`` (:func:`next_pcs`: each
+    thread stopped alone). Raises TargetError as :meth:`LiveWorld.seize` does."""
+    return any(addr <= pc < addr + size for pcs in next_pcs(pid).values() for pc in pcs)
 
 
 class SyscallError(OSError):
