@@ -1,16 +1,30 @@
-"""``inuse.ThreadView.touches``: the fast scan of a stopped thread's stack agrees with a word-by-word check.
+"""``inuse``: how a thread is judged to use code.
 
-The scan only decodes the 8-byte words whose upper half is the range's (found with ``bytes.find``); these
-cases put that upper half everywhere it could mislead: at unaligned offsets, in the trailing partial word, on
-the range's exact bounds, and in ranges that cross a 4 GiB boundary (the word-by-word path).
+``ThreadView.touches``: the fast scan of a stopped thread's stack agrees with a word-by-word check. The scan
+only decodes the 8-byte words whose upper half is the range's (found with ``bytes.find``); these cases put that
+upper half everywhere it could mislead: at unaligned offsets, in the trailing partial word, on the range's
+exact bounds, and in ranges that cross a 4 GiB boundary (the word-by-word path).
+
+``look_asleep``: a thread blocked in the kernel is seen as a stop would show it, without being stopped; a
+running one is refused; a rolling apply (``targets/sleepers.c``) stops none of the sleeping threads.
 """
 
 from __future__ import annotations
 
 import random
 import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from hotpatch.inuse import ThreadView, stack_words
+import hotpatch
+from conftest import TARGETS, Procs, assert_running, compile_program, run_cli, wait_for_line
+from hotpatch.inuse import ThreadView, look, look_asleep, stack_words
+from hotpatch.process.live import LiveWorld
+from hotpatch.process.maps import read_maps
+from hotpatch.process.memory import Memory
+from hotpatch.process.tracer import run_as_tracer
 
 
 def brute(view: ThreadView, lo: int, hi: int) -> bool:
@@ -55,3 +69,88 @@ def test_touches_finds_a_return_address_deep_in_a_large_stack() -> None:
     assert ThreadView((0x1000,), bytes(stack), 8).touches(lo, hi)
     struct.pack_into("<Q", stack, 8 * 4000, hi)  # the end is excluded
     assert not ThreadView((0x1000,), bytes(stack), 8).touches(lo, hi)
+
+
+SLEEPERS = 4
+SLEEPERS_PATCH = "int compute(int x) { return 3 * x + 2; }\n"
+
+
+def start_sleepers(tmp_path: Path, procs: Procs) -> tuple[subprocess.Popen[bytes], list[int], Path]:
+    """sleepers.c running with its 4 threads blocked in read(2), their TIDs, and a patch for its compute."""
+    exe = compile_program(TARGETS / "sleepers.c", tmp_path / "sleepers")
+    src = tmp_path / "sleepers_patch.c"
+    src.write_text(SLEEPERS_PATCH)
+    patch = tmp_path / "sleepers_patch.hp"
+    res = run_cli("build", src, "--target", exe, "-o", patch, "--name", "sleepers_patch")
+    assert res.returncode == 0, res.stderr
+    p = procs.start(exe, stdin=subprocess.PIPE)
+    wait_for_line(p, lambda line: line.strip() == "ready")
+    workers = sorted(int(t.name) for t in Path(f"/proc/{p.pid}/task").iterdir() if int(t.name) != p.pid)
+    assert len(workers) == SLEEPERS
+    deadline = time.monotonic() + 10
+    for tid in workers:
+        while Path(f"/proc/{p.pid}/task/{tid}/syscall").read_text().split()[0] != "0":  # read(2)
+            assert time.monotonic() < deadline, f"thread {tid} never blocked in read"
+            time.sleep(0.01)
+    return p, workers, patch
+
+
+def compute(p: subprocess.Popen[bytes], x: int) -> int:
+    """compute(x) in the target, called by its main thread."""
+    assert p.stdin is not None
+    p.stdin.write(f"{x}\n".encode())
+    p.stdin.flush()
+    return int(wait_for_line(p, lambda line: line.startswith("compute")).split()[1])
+
+
+def test_look_asleep_sees_what_a_stop_shows(tmp_path: Path, procs: Procs) -> None:
+    p, workers, _ = start_sleepers(tmp_path, procs)
+    with Memory(p.pid) as mem:
+        maps = read_maps(p.pid)
+        asleep = {tid: look_asleep(mem, maps, p.pid, tid, 8) for tid in workers}
+
+        def stopped_views() -> dict[int, ThreadView]:
+            world = LiveWorld(p.pid, exit_detaches=True)
+            views = {}
+            try:
+                world.seize()
+                for tid in workers:
+                    th = world.stop_one(tid)
+                    assert th is not None
+                    views[tid] = look(mem, maps, th, 8)
+                    world.resume_one(tid)
+            finally:
+                world.detach_all()
+            return views
+
+        stopped = run_as_tracer(stopped_views)
+    for tid in workers:
+        view = asleep[tid]
+        assert view is not None, f"thread {tid}, asleep in read, was not seen asleep"
+        # a stop interrupts read: RIP is after the syscall instruction, and the restart would rewind it by 2
+        assert set(stopped[tid].pcs) <= set(view.pcs) and view.pcs[0] - 2 == view.pcs[1]
+        assert view.stack == stopped[tid].stack  # the same stack, read from the same RSP
+    assert_running(p.pid)
+
+
+def test_look_asleep_refuses_a_running_thread(procs: Procs) -> None:
+    p = procs.start(sys.executable, "-c", "print('ready', flush=True)\nwhile True: pass")
+    wait_for_line(p, lambda line: line.strip() == "ready")
+    with Memory(p.pid) as mem:
+        maps = read_maps(p.pid)
+        assert all(look_asleep(mem, maps, p.pid, p.pid, 8) is None for _ in range(200))
+
+
+def test_a_rolling_apply_stops_no_sleeping_thread(tmp_path: Path, procs: Procs) -> None:
+    """Before look_asleep every worker was stopped once by the rolling check (check_stop_us > 0)."""
+    p, _, patch = start_sleepers(tmp_path, procs)
+    assert compute(p, 5) == 16
+    with hotpatch.attach(p.pid) as target:
+        rep = target.apply(str(patch), "rolling")
+        assert rep.protocol == "R"
+        assert rep.check_stop_us == 0, f"a sleeping thread was stopped for {rep.check_stop_us:.0f} µs"
+        assert compute(p, 5) == 17
+        reps = target.revert("sleepers_patch", "rolling")
+        assert reps[0].check_stop_us == 0  # the watch of the patch's memory: no stop either
+    assert compute(p, 5) == 16
+    assert_running(p.pid)

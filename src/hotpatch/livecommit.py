@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 
 from .errors import HotpatchError, SiteError, TargetError
-from .inuse import ThreadView, look, watch_pass
+from .inuse import ThreadView, look, view_of, watch_pass
 from .process import remote
 from .process.live import LiveWorld, next_pcs
 from .process.maps import Mapping, read_maps
@@ -310,13 +310,8 @@ def _rolling_rounds(
     """Look at the ``pending`` threads one at a time until each was seen ``clear``; raises RollingTimeout."""
     while pending:
         for tid in sorted(pending):
-            th = world.stop_one(tid)
-            if th is None:
-                pending.discard(tid)
-                continue
-            view = look(mem, maps, th, word)
-            world.resume_one(tid)
-            if clear(view):
+            view = view_of(world, mem, maps, tid, word)  # asleep: no stop
+            if view is None or clear(view):
                 pending.discard(tid)
         if pending:
             if time.monotonic() > deadline:

@@ -1,0 +1,49 @@
+/* sleepers.c - four threads asleep in read(2) on a pipe nobody writes, and compute(x) = 3x+1 placed right after
+ * another function's `ret` (no padding before it, so an ordinary site: protocol R). Lets a test see that a
+ * rolling check looks at sleeping threads without stopping them (tests/test_inuse.py).
+ * Start: "ready"; a line "N" on stdin prints "compute C" with C = compute(N); end of stdin exits with status 0. */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+int compute(int x);
+
+__asm__(
+    "    .text\n"
+    "    .globl before_compute\n"
+    "    .type before_compute, @function\n"
+    "before_compute:\n"
+    "    ret\n"
+    "    .size before_compute, .-before_compute\n"
+    "    .globl compute\n"
+    "    .type compute, @function\n"
+    "compute:\n"
+    "    movl %edi, %eax\n"
+    "    addl %eax, %eax\n"
+    "    addl %edi, %eax\n"
+    "    addl $1, %eax\n"
+    "    ret\n"
+    "    .size compute, .-compute\n");
+
+static int fds[2];
+
+static void *sleeper(void *arg) {
+    char c;
+    (void)arg;
+    return read(fds[0], &c, 1) < 0 ? NULL : arg;
+}
+
+int main(void) {
+    if (pipe(fds) != 0)
+        return 1;
+    pthread_t t;
+    for (int i = 0; i < 4; i++)
+        pthread_create(&t, NULL, sleeper, NULL);
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    printf("ready\n");
+    char line[64];
+    while (fgets(line, sizeof line, stdin))
+        printf("compute %d\n", compute(atoi(line)));
+    return 0;
+}
