@@ -75,10 +75,8 @@ def _stack(mem: Memory, maps: list[Mapping], rsp: int, word: int) -> bytes:
 
 def look(mem: Memory, maps: list[Mapping], th: Thread, word: int) -> ThreadView:
     """The :class:`ThreadView` of the stopped thread ``th`` (its stack: :func:`_stack`)."""
-    regs = th.regs
-    assert regs is not None
-    pcs = (regs.rip, regs.rip - 2) if th.restarting else (regs.rip,)
-    return ThreadView(pcs, _stack(mem, maps, regs.rsp, word), word)
+    assert th.regs is not None
+    return ThreadView(th.next_pcs, _stack(mem, maps, th.regs.rsp, word), word)
 
 
 def _blocked_at(pid: int, tid: int) -> tuple[str, int] | None:

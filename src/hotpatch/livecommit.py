@@ -16,8 +16,8 @@ behind: the program ends on its own. Steps:
 4. The program writes the other bytes, syncs, writes each key's new first word, syncs, and returns its
    thread to what it was doing. The tool unmaps the two pages once that thread has left them.
 
-Catchable signals are blocked in the tool while the window is open. Each commit runs on a thread of its own
-whose exit detaches every seized thread (:mod:`hotpatch.process.tracer`): leaving costs no stop.
+Each commit runs on a thread of its own whose exit detaches every seized thread (:mod:`hotpatch.process.tracer`):
+leaving costs no stop, and the tool's catchable termination signals are held while it runs.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from .process.ptrace import Regs
 from .process.remote import Injector
 from .process.threads import Thread, list_tids, thread_state
 from .process.tracer import run_as_tracer
-from .transaction import CommitReport, SiteChange, check_bytes, signals_blocked
+from .transaction import CommitReport, SiteChange, check_bytes
 from .x86 import selfloop, stub
 
 ROLLING_TIMEOUT_S = 2.0  # how long protocol R waits for every thread to leave the overwritten bytes
@@ -145,18 +145,17 @@ class LiveCommit:
         world = LiveWorld(self.pid, exit_detaches=True)
         maps = read_maps(self.pid)
         started = time.perf_counter()
-        with signals_blocked():
-            try:
-                if watch or any(c.span for c in self.changes):
-                    world.seize()  # R's check or the watch looks at every thread
-                world.boost()  # (protocol A with nothing to watch traces the program's thread alone)
-                check_bytes(self.mem, self.changes)
-                self._commit(world, maps)
-                if watch:
-                    report.busy = watch_pass(world, self.mem, maps, watch, self.word)
-                report.threads = len(world.threads)
-            finally:
-                world.detach_all()
+        try:  # (Ctrl-C and the other termination signals are held by run_as_tracer)
+            if watch or any(c.span for c in self.changes):
+                world.seize()  # R's check or the watch looks at every thread
+            world.boost()  # (protocol A with nothing to watch traces the program's thread alone)
+            check_bytes(self.mem, self.changes)
+            self._commit(world, maps)
+            if watch:
+                report.busy = watch_pass(world, self.mem, maps, watch, self.word)
+            report.threads = len(world.threads)
+        finally:
+            world.detach_all()
         report.pause_us = world.longest_one_us
         report.check_stop_us = max((us for t, us in world.longest_by_tid.items() if t != self._runner_tid), default=0.0)
         report.window_us = (time.perf_counter() - started) * 1e6

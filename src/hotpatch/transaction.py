@@ -14,10 +14,9 @@ Catchable signals are blocked in the tool while the threads are stopped, so Ctrl
 
 from __future__ import annotations
 
-import signal
-from collections.abc import Iterator, Sequence
 from collections.abc import Mapping as MappingOf
-from contextlib import contextmanager, suppress
+from collections.abc import Sequence
+from contextlib import suppress
 from types import MappingProxyType
 from typing import NamedTuple
 
@@ -76,18 +75,6 @@ class CommitReport:
         self.busy: set[tuple[int, int]] = set()
 
 
-@contextmanager
-def signals_blocked() -> Iterator[None]:
-    """Block the tool's catchable termination signals (INT, TERM, HUP, QUIT, PIPE) for the block, so a
-    Ctrl-C cannot split a commit; they are delivered when it ends."""
-    blocked = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 def check_bytes(mem: Memory, changes: Sequence[SiteChange]) -> None:
     """Invariant 2: every change's ``expected`` bytes are in the target now. Raises MismatchError naming
     the first site that differs (nothing has been written)."""
@@ -137,33 +124,32 @@ class Transaction:
     def _commit_stopped(self) -> CommitReport:
         report = CommitReport()
         world = World(self.pid, exit_detaches=True)
-        with signals_blocked():
+        try:  # (Ctrl-C and the other termination signals are held by run_as_tracer)
+            world.seize()
+            world.stop()
+            report.threads = len(world.threads)
+            self._check_bytes()
+            moves = self._plan_moves(world)
+            # Move threads out of the overwritten bytes before writing them, and set their registers at
+            # once: the trampoline runs the same instructions, so a moved thread is right whether or not the
+            # write follows, even if the tool is SIGKILLed in between (the kernel then lets it run on).
+            before = {th.tid: th.regs.copy() for th, _ in moves if th.regs is not None}
+            for th, rip in moves:
+                assert th.regs is not None
+                regs = th.regs.copy()
+                regs.rip = rip
+                world.set_regs(th.tid, regs)
+                ptrace.set_regs(th.tid, regs)
             try:
-                world.seize()
-                world.stop()
-                report.threads = len(world.threads)
-                self._check_bytes()
-                moves = self._plan_moves(world)
-                # Move threads out of the overwritten bytes before writing them, and set their registers at
-                # once: the trampoline runs the same instructions, so a moved thread is right whether or not the
-                # write follows, even if the tool is SIGKILLed in between (the kernel then lets it run on).
-                before = {th.tid: th.regs.copy() for th, _ in moves if th.regs is not None}
-                for th, rip in moves:
-                    assert th.regs is not None
-                    regs = th.regs.copy()
-                    regs.rip = rip
-                    world.set_regs(th.tid, regs)
-                    ptrace.set_regs(th.tid, regs)
-                try:
-                    self._write_all()
-                except BaseException:
-                    for tid, regs in before.items():  # nothing stays written: back to where they were
-                        world.set_regs(tid, regs)
-                    raise
-                report.moved = len(moves)
-            finally:
-                world.release()
-                report.pause_us = report.check_stop_us = world.longest_stop_us
+                self._write_all()
+            except BaseException:
+                for tid, regs in before.items():  # nothing stays written: back to where they were
+                    world.set_regs(tid, regs)
+                raise
+            report.moved = len(moves)
+        finally:
+            world.release()
+            report.pause_us = report.check_stop_us = world.longest_stop_us
         return report
 
     def _watch(self, watch: Sequence[tuple[int, int]]) -> set[tuple[int, int]]:

@@ -7,24 +7,14 @@
 #include <stdlib.h>
 #include <unistd.h>
 
-int compute(int x);
-
-__asm__(
-    "    .text\n"
-    "    .globl before_compute\n"
-    "    .type before_compute, @function\n"
-    "before_compute:\n"
-    "    ret\n"
+/* a function whose `ret` is the last byte before compute: no padding there */
+#define COMPUTE_PRELUDE \
+    "    .globl before_compute\n" \
+    "    .type before_compute, @function\n" \
+    "before_compute:\n" \
+    "    ret\n" \
     "    .size before_compute, .-before_compute\n"
-    "    .globl compute\n"
-    "    .type compute, @function\n"
-    "compute:\n"
-    "    movl %edi, %eax\n"
-    "    addl %eax, %eax\n"
-    "    addl %edi, %eax\n"
-    "    addl $1, %eax\n"
-    "    ret\n"
-    "    .size compute, .-compute\n");
+#include "compute_short_insns.h"
 
 static int fds[2];
 

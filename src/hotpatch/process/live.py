@@ -228,13 +228,7 @@ def next_pcs(pid: int) -> dict[int, tuple[int, ...]]:
         world = LiveWorld(pid, exit_detaches=True)
         try:
             world.seize()
-            for tid in list(world.threads):
-                th = world.stop_one(tid)
-                if th is None:
-                    continue
-                assert th.regs is not None
-                pcs[tid] = (th.regs.rip, th.regs.rip - 2) if th.restarting else (th.regs.rip,)
-                world.resume_one(tid)
+            world.visit(list(world.threads), lambda th: pcs.__setitem__(th.tid, th.next_pcs))
             return pcs
         finally:
             world.detach_all()

@@ -60,6 +60,13 @@ class Thread:
         rax = self.regs.rax - (1 << 64) if self.regs.rax >= 1 << 63 else self.regs.rax
         return self.in_syscall and rax in ERESTART_CODES
 
+    @property
+    def next_pcs(self) -> tuple[int, ...]:
+        """Where the stopped thread executes next: RIP, and RIP - 2 as well when it is :attr:`restarting`."""
+        assert self.regs is not None
+        rip = self.regs.rip
+        return (rip, rip - 2) if self.restarting else (rip,)
+
 
 def list_tids(pid: int) -> list[int]:
     """The thread ids of ``pid`` from /proc/PID/task. Raises TargetError when the process is gone."""
