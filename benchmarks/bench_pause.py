@@ -36,8 +36,10 @@ Shape of the target: by default its main thread waits in ``pthread_join`` (aslee
 or an idle worker is) besides the loop threads, and hotpatch borrows that asleep thread for its injected system
 calls and the in-target commit program of protocols A and R; ``--busy-main`` makes the main thread a loop
 thread too (no thread is ever asleep for long, so the borrowed one is a loop thread and its gap shows the
-borrowing). ``--floor`` also runs protocol B's bare ptrace calls from C (``FLOOR``) against the same target:
-what this machine's kernel and hypervisor cost, whoever the tracer is.
+borrowing). ``--floor`` also runs protocol B's bare ptrace calls from C (``FLOOR``), or R's with
+``--protocol rolling``, against the same target: what this machine's kernel and hypervisor cost, whoever the
+tracer is (the gaps the threads see, and the longest stop as the tracer sees it, against hotpatch's ``pause_us``
+or ``check_stop_us``).
 
 Protocols (issue 3): ``--ready --protocol no-stop`` (A: the target built with ``hotpatch cflags``, goal:
 indistinguishable from the baseline); ``--protocol rolling`` (R, an ordinary site: each thread stopped
@@ -239,19 +241,28 @@ int main(int argc, char **argv)
 }
 """
 
-# The floor of protocol B on this machine: the same ptrace calls, from C, at SCHED_FIFO when allowed, with
-# nothing else done: PTRACE_SEIZE every thread (outside the window), then PTRACE_INTERRUPT all, waitpid each
-# stop, PTRACE_GETREGS each, PTRACE_DETACH all. Prints the window (first interrupt to last detach), µs.
+# The floor of protocols B and R on this machine: the same ptrace calls, from C, at SCHED_FIFO when allowed,
+# with nothing else done. PTRACE_SEIZE every thread (outside the window), then
+# * argv[2] "world" (B): PTRACE_INTERRUPT all, waitpid each stop, PTRACE_GETREGS each, PTRACE_DETACH all;
+# * argv[2] "rolling" (R): one thread at a time, PTRACE_INTERRUPT it, waitpid its stop, PTRACE_GETREGS, read its
+#   stack from RSP to the end of its mapping (one pread of /proc/PID/mem, as hotpatch's inuse.look), PTRACE_CONT;
+#   the exit detaches them all (kernel/ptrace.c exit_ptrace), no thread stopped again.
+# Prints "window longest": the window (first interrupt to last detach or resume) and the longest time one thread
+# was stopped as this tracer saw it (from waitpid's return to the resuming call's), µs: what hotpatch's
+# pause_us (B) and check_stop_us (R) measure.
 FLOOR = r"""
 #define _GNU_SOURCE
 #include <dirent.h>
+#include <fcntl.h>
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/ptrace.h>
 #include <sys/user.h>
 #include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
 static double now(void)
 {
@@ -260,10 +271,35 @@ static double now(void)
     return t.tv_sec * 1e6 + t.tv_nsec / 1e3;
 }
 
+static unsigned long starts[4096], ends[4096];
+static int nmaps;
+static char stack[1 << 20];
+
+static void read_maps(const char *pid)
+{
+    char path[64], line[512];
+    snprintf(path, sizeof path, "/proc/%s/maps", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) exit(4);
+    while (nmaps < 4096 && fgets(line, sizeof line, f))
+        if (sscanf(line, "%lx-%lx", &starts[nmaps], &ends[nmaps]) == 2) nmaps++;
+    fclose(f);
+}
+
+static long stack_read(int mem, unsigned long rsp)
+{
+    for (int i = 0; i < nmaps; i++)
+        if (starts[i] <= rsp && rsp < ends[i]) {
+            unsigned long len = ends[i] - (rsp & ~7UL);
+            return pread(mem, stack, len < sizeof stack ? len : sizeof stack, (off_t)(rsp & ~7UL));
+        }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     static int tids[8192];
-    int n = 0;
+    int n = 0, rolling = argc > 2 && !strcmp(argv[2], "rolling");
     char path[64];
     snprintf(path, sizeof path, "/proc/%s/task", argv[1]);
     DIR *d = opendir(path);
@@ -273,15 +309,34 @@ int main(int argc, char **argv)
     closedir(d);
     for (int i = 0; i < n; i++)
         if (ptrace(PTRACE_SEIZE, tids[i], 0, 0)) return 3;
+    read_maps(argv[1]);
+    snprintf(path, sizeof path, "/proc/%s/mem", argv[1]);
+    int mem = open(path, O_RDONLY);
+    if (mem < 0) return 5;
     struct sched_param sp = {1};
     sched_setscheduler(0, SCHED_FIFO, &sp);   /* as hotpatch's World.boost; ignored without permission */
     struct user_regs_struct regs;
-    double t0 = now();
-    for (int i = 0; i < n; i++) ptrace(PTRACE_INTERRUPT, tids[i], 0, 0);
-    for (int i = 0; i < n; i++) { int st; waitpid(tids[i], &st, __WALL); }
-    for (int i = 0; i < n; i++) ptrace(PTRACE_GETREGS, tids[i], 0, &regs);
-    for (int i = 0; i < n; i++) ptrace(PTRACE_DETACH, tids[i], 0, 0);
-    printf("%.0f\n", now() - t0);
+    double t0 = now(), longest = 0;
+    if (rolling) {
+        for (int i = 0; i < n; i++) {
+            int st;
+            ptrace(PTRACE_INTERRUPT, tids[i], 0, 0);
+            waitpid(tids[i], &st, __WALL);
+            double seen = now();
+            ptrace(PTRACE_GETREGS, tids[i], 0, &regs);
+            stack_read(mem, regs.rsp);
+            ptrace(PTRACE_CONT, tids[i], 0, 0);
+            if (now() - seen > longest) longest = now() - seen;
+        }
+    } else {
+        double first = 0;
+        for (int i = 0; i < n; i++) ptrace(PTRACE_INTERRUPT, tids[i], 0, 0);
+        for (int i = 0; i < n; i++) { int st; waitpid(tids[i], &st, __WALL); if (!i) first = now(); }
+        for (int i = 0; i < n; i++) ptrace(PTRACE_GETREGS, tids[i], 0, &regs);
+        for (int i = 0; i < n; i++) ptrace(PTRACE_DETACH, tids[i], 0, 0);
+        longest = now() - first;
+    }
+    printf("%.0f %.0f\n", now() - t0, longest);
     return 0;
 }
 """
@@ -505,7 +560,10 @@ def measure(
         for _ in range(max(gdb_rounds, 5) if floor else 0):
             gaps.reset()
             t0 = time.perf_counter()
-            out.setdefault("floor_window", []).append(float(run_checked([str(floor), str(proc.pid)]).stdout))
+            mode = "rolling" if protocol == "rolling" else "world"
+            floor_window, floor_stop = map(float, run_checked([str(floor), str(proc.pid), mode]).stdout.split())
+            out.setdefault("floor_window", []).append(floor_window)
+            out.setdefault("floor_stop", []).append(floor_stop)
             window = time.perf_counter() - t0
             record("floor")
             gaps.reset()
@@ -584,7 +642,8 @@ def main() -> None:
     ap.add_argument(
         "--floor",
         action="store_true",
-        help="also run protocol B's ptrace calls from C (the floor of this machine) against the same target",
+        help="also run protocol B's ptrace calls (R's with --protocol rolling) from C, the floor of this machine, "
+        "against the same target",
     )
     ap.add_argument("--spin-us", type=int, help="µs each thread spins between sleeps (default: 20; 5 above 64 threads)")
     ap.add_argument(
@@ -663,6 +722,8 @@ def main() -> None:
                 "table): " + "; ".join(sorted(set(errs)))
             )
     if any("floor_window" in r for r in results.values()):
+        rolling = args.protocol == "rolling"
+        mine = "apply_check" if rolling else "apply_pause"  # what the C floor's longest stop measures
         print()
         rows = [
             [
@@ -671,6 +732,9 @@ def main() -> None:
                 cell(r["floor_blk"]),
                 cell(r["apply_blk"]),
                 ratio(median(r["apply_blk"]), median(r["floor_blk"])),
+                cell(r["floor_stop"]),
+                cell(r.get(mine, [])),
+                ratio(median(r.get(mine, [])), median(r["floor_stop"])) if r.get(mine) else "—",
                 cell(r["floor_window"]),
             ]
             for n, r in results.items()
@@ -681,10 +745,13 @@ def main() -> None:
                 [
                     "threads",
                     "baseline not-runnable gap",
-                    "not-runnable gap, B's ptrace calls from C",
+                    f"not-runnable gap, {'R' if rolling else 'B'}'s ptrace calls from C",
                     "during hotpatch apply",
                     "hotpatch vs C",
-                    "C window (first interrupt to last detach)",
+                    "longest stop seen by the C tracer",
+                    f"hotpatch `{'check_stop_us' if rolling else 'pause_us'}`",
+                    "hotpatch vs C",
+                    f"C window (first interrupt to last {'resume' if rolling else 'detach'})",
                 ],
                 rows,
             )

@@ -75,20 +75,23 @@ SLEEPERS = 4
 SLEEPERS_PATCH = "int compute(int x) { return 3 * x + 2; }\n"
 
 
-def start_sleepers(tmp_path: Path, procs: Procs) -> tuple[subprocess.Popen[bytes], list[int], Path]:
-    """sleepers.c running with its 4 threads blocked in read(2), their TIDs, and a patch for its compute."""
+def start_sleepers(
+    tmp_path: Path, procs: Procs, spin: bool = False
+) -> tuple[subprocess.Popen[bytes], list[int], Path]:
+    """sleepers.c running with its 4 threads blocked in read(2) (or spinning, with ``spin``), their TIDs, and a
+    patch for its compute."""
     exe = compile_program(TARGETS / "sleepers.c", tmp_path / "sleepers")
     src = tmp_path / "sleepers_patch.c"
     src.write_text(SLEEPERS_PATCH)
     patch = tmp_path / "sleepers_patch.hp"
     res = run_cli("build", src, "--target", exe, "-o", patch, "--name", "sleepers_patch")
     assert res.returncode == 0, res.stderr
-    p = procs.start(exe, stdin=subprocess.PIPE)
+    p = procs.start(exe, *(["spin"] if spin else []), stdin=subprocess.PIPE)
     wait_for_line(p, lambda line: line.strip() == "ready")
     workers = sorted(int(t.name) for t in Path(f"/proc/{p.pid}/task").iterdir() if int(t.name) != p.pid)
     assert len(workers) == SLEEPERS
     deadline = time.monotonic() + 10
-    for tid in workers:
+    for tid in [] if spin else workers:
         while Path(f"/proc/{p.pid}/task/{tid}/syscall").read_text().split()[0] != "0":  # read(2)
             assert time.monotonic() < deadline, f"thread {tid} never blocked in read"
             time.sleep(0.01)
@@ -152,5 +155,21 @@ def test_a_rolling_apply_stops_no_sleeping_thread(tmp_path: Path, procs: Procs) 
         assert compute(p, 5) == 17
         reps = target.revert("sleepers_patch", "rolling")
         assert reps[0].check_stop_us == 0  # the watch of the patch's memory: no stop either
+    assert compute(p, 5) == 16
+    assert_running(p.pid)
+
+
+def test_a_rolling_cycle_stops_each_running_thread_once_per_operation(tmp_path: Path, procs: Procs) -> None:
+    """Protocol R's check (apply) and the watch of the patch's memory (revert) each stop a running thread once
+    when it is outside the site: ``check_stops`` counts the stops, the borrowed asleep thread aside."""
+    p, workers, patch = start_sleepers(tmp_path, procs, spin=True)
+    with hotpatch.attach(p.pid) as target:
+        rep = target.apply(str(patch), "rolling")
+        assert rep.protocol == "R"
+        assert rep.check_stops == len(workers), f"{rep.check_stops} stops for {len(workers)} threads"
+        assert compute(p, 5) == 17
+        reps = target.revert("sleepers_patch", "rolling")
+        assert reps[0].retained == []  # the memory was freed: nothing uses it
+        assert reps[0].check_stops == len(workers), f"{reps[0].check_stops} stops for {len(workers)} threads"
     assert compute(p, 5) == 16
     assert_running(p.pid)

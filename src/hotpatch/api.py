@@ -89,7 +89,8 @@ class Report:
     ``retained`` (kept mapped: addr, bytes), for an upgrade the ``replaced_version``, the ``protocol``
     the commit used (A, R or B; DESIGN.md §4), and ``check_stop_us``: the longest stop of a thread other than
     the one borrowed for injected system calls and the commit program (A, R: protocol R's check and the
-    watch of memory to free, one thread at a time; B: the world's stop), µs."""
+    watch of memory to free, one thread at a time; B: the world's stop), µs, and ``check_stops``, how many stops
+    those were (:class:`hotpatch.transaction.CommitReport`)."""
 
     def __init__(
         self, name: str, version: int, sites: list[tuple[str, int]], pause_us: float, threads: int, moved: int
@@ -100,6 +101,7 @@ class Report:
         self.replaced_version: int | None = None
         self.protocol = "B"
         self.check_stop_us = pause_us
+        self.check_stops = threads
 
 
 EM_386, EM_X86_64 = 3, 62  # ELF e_machine (System V gABI)
@@ -490,6 +492,7 @@ class Target:
         )
         rep.protocol = commit.protocol
         rep.check_stop_us = commit.check_stop_us
+        rep.check_stops = commit.check_stops
         return rep
 
 

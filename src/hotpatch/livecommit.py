@@ -158,6 +158,7 @@ class LiveCommit:
             world.detach_all()
         report.pause_us = world.longest_one_us
         report.check_stop_us = max((us for t, us in world.longest_by_tid.items() if t != self._runner_tid), default=0.0)
+        report.check_stops = sum(n for t, n in world.stops_by_tid.items() if t != self._runner_tid)
         report.window_us = (time.perf_counter() - started) * 1e6
         return report
 

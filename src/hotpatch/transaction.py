@@ -61,13 +61,16 @@ class CommitReport:
     (B; 0 under A and R, which stop no thread inside), watched regions found ``busy`` (a RIP or a stack word inside
     them), ``window_us`` the whole commit's length (µs) and the ``protocol`` used. ``check_stop_us``: the longest
     time one thread was stopped other than the one borrowed to run the commit (A and R: protocol R's check and
-    the watch, one thread at a time; B: ``pause_us``), µs."""
+    the watch, one thread at a time; B: ``pause_us``), µs; ``check_stops``: how many stops those were (A and
+    R: counted per stop, a thread asleep in the kernel being looked at without one; B: one per thread of the
+    world's stop, the watch after it not counted)."""
 
-    __slots__ = ("busy", "check_stop_us", "moved", "pause_us", "protocol", "threads", "window_us")
+    __slots__ = ("busy", "check_stop_us", "check_stops", "moved", "pause_us", "protocol", "threads", "window_us")
 
     def __init__(self, protocol: str = "B") -> None:
         self.pause_us = 0.0
         self.check_stop_us = 0.0
+        self.check_stops = 0
         self.window_us = 0.0
         self.threads = 0
         self.moved = 0
@@ -127,7 +130,7 @@ class Transaction:
         try:  # (Ctrl-C and the other termination signals are held by run_as_tracer)
             world.seize()
             world.stop()
-            report.threads = len(world.threads)
+            report.threads = report.check_stops = len(world.threads)
             self._check_bytes()
             moves = self._plan_moves(world)
             # Move threads out of the overwritten bytes before writing them, and set their registers at

@@ -12,10 +12,10 @@ never ``EXITKILL``) and then only reacts to what the threads report:
 
 A thread is stopped only when asked (:meth:`stop_one`), one at a time, and each stop's length — from the
 moment the tracer sees it stopped to its resumption; a thread waiting for a CPU stops only when it gets one —
-is kept per thread in ``longest_by_tid``. To leave, :meth:`detach_all` stops each thread alone just long
-enough for ``PTRACE_DETACH`` (which needs a stopped tracee, ptrace(2)) — unless the world was made with
-``exit_detaches`` on a tracer thread (:mod:`hotpatch.process.tracer`), whose exit detaches every thread with
-none stopped.
+is kept per thread in ``longest_by_tid``, the number of its stops in ``stops_by_tid``. To leave,
+:meth:`detach_all` stops each thread alone just long enough for ``PTRACE_DETACH`` (which needs a stopped
+tracee, ptrace(2)) — unless the world was made with ``exit_detaches`` on a tracer thread
+(:mod:`hotpatch.process.tracer`), whose exit detaches every thread with none stopped.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class LiveWorld(World):
     def __init__(self, pid: int, exit_detaches: bool = False) -> None:
         super().__init__(pid, exit_detaches)
         self.longest_by_tid: dict[int, float] = {}  # tid -> its longest stop (µs)
+        self.stops_by_tid: dict[int, int] = {}  # tid -> how many times stop_one stopped it
         self._wanted: dict[int, float] = {}  # tid -> perf_counter() when its stop was seen (0: asked, not seen)
 
     # -- events -------------------------------------------------------------------------------------
@@ -116,6 +117,7 @@ class LiveWorld(World):
         if th.stopped:
             return th
         self._wanted[tid] = 0.0
+        self.stops_by_tid[tid] = self.stops_by_tid.get(tid, 0) + 1
         try:
             ptrace.interrupt(tid)
         except PtraceError:
