@@ -18,9 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 import hotpatch
 from conftest import TARGETS, Procs, assert_running, compile_program, run_cli, wait_for_line
 from hotpatch.inuse import ThreadView, look, look_asleep, stack_words
+from hotpatch.process import sampling as sampling_mod
 from hotpatch.process.live import LiveWorld
 from hotpatch.process.maps import read_maps
 from hotpatch.process.memory import Memory
@@ -159,17 +162,25 @@ def test_a_rolling_apply_stops_no_sleeping_thread(tmp_path: Path, procs: Procs) 
     assert_running(p.pid)
 
 
-def test_a_rolling_cycle_stops_each_running_thread_once_per_operation(tmp_path: Path, procs: Procs) -> None:
-    """Protocol R's check (apply) and the watch of the patch's memory (revert) each stop a running thread once
-    when it is outside the site: ``check_stops`` counts the stops, the borrowed asleep thread aside."""
+@pytest.mark.parametrize("sampling", [True, False], ids=["sampled", "stopped"])
+def test_a_rolling_cycle_looks_at_each_running_thread_once_per_operation(
+    tmp_path: Path, procs: Procs, monkeypatch: pytest.MonkeyPatch, sampling: bool
+) -> None:
+    """Protocol R's check (apply) and the watch of the patch's memory (revert) each look at a running thread
+    once when it is outside the site: through a perf sample, stopping none (``check_samples``), or — perf
+    events turned off — stopping each once (``check_stops``), the borrowed asleep thread aside."""
+    monkeypatch.setattr(sampling_mod, "ENABLED", sampling)
     p, workers, patch = start_sleepers(tmp_path, procs, spin=True)
     with hotpatch.attach(p.pid) as target:
         rep = target.apply(str(patch), "rolling")
+        reps = [rep]
         assert rep.protocol == "R"
-        assert rep.check_stops == len(workers), f"{rep.check_stops} stops for {len(workers)} threads"
         assert compute(p, 5) == 17
-        reps = target.revert("sleepers_patch", "rolling")
-        assert reps[0].retained == []  # the memory was freed: nothing uses it
-        assert reps[0].check_stops == len(workers), f"{reps[0].check_stops} stops for {len(workers)} threads"
+        reps += target.revert("sleepers_patch", "rolling")
+        assert reps[1].retained == []  # the memory was freed: nothing uses it
+    for r in reps:
+        looked = (r.check_samples, r.check_stops) if sampling else (r.check_stops, r.check_samples)
+        assert looked == (len(workers), 0), f"{r.check_samples} samples, {r.check_stops} stops for {len(workers)}"
+        assert (r.check_stop_us == 0) == sampling
     assert compute(p, 5) == 16
     assert_running(p.pid)

@@ -83,14 +83,14 @@ class Status(NamedTuple):
 
 
 class Report:
-    """What an apply or revert did: patch ``name`` and ``version``, ``sites`` (symbol, address),
-    ``pause_us`` (the longest window in µs in which any target thread was stopped, over the commit and every
-    injection), ``threads`` stopped by the commit, threads ``moved`` out of overwritten bytes, regions
-    ``retained`` (kept mapped: addr, bytes), for an upgrade the ``replaced_version``, the ``protocol``
-    the commit used (A, R or B; DESIGN.md §4), and ``check_stop_us``: the longest stop of a thread other than
-    the one borrowed for injected system calls and the commit program (A, R: protocol R's check and the
-    watch of memory to free, one thread at a time; B: the world's stop), µs, and ``check_stops``, how many stops
-    those were (:class:`hotpatch.transaction.CommitReport`)."""
+    """What an apply or revert did: patch ``name`` and ``version``, ``sites`` (symbol, address), ``pause_us`` (the
+    longest window in µs in which any target thread was stopped, over the commit and every injection), ``threads``
+    stopped by the commit, threads ``moved`` out of overwritten bytes, regions ``retained`` (kept mapped: addr, bytes),
+    for an upgrade the ``replaced_version``, the ``protocol`` the commit used (A, R or B; DESIGN.md §4), and
+    ``check_stop_us``: the longest stop of a thread other than the one borrowed for injected system calls and the commit
+    program (A, R: protocol R's check and the watch of memory to free, a thread stopped alone where no perf sample could
+    be had; B: the world's stop), µs, ``check_stops``, how many stops those were, and ``check_samples``, how many
+    threads were looked at through a perf sample instead, with no stop (:class:`hotpatch.transaction.CommitReport`)."""
 
     def __init__(
         self, name: str, version: int, sites: list[tuple[str, int]], pause_us: float, threads: int, moved: int
@@ -102,6 +102,7 @@ class Report:
         self.protocol = "B"
         self.check_stop_us = pause_us
         self.check_stops = threads
+        self.check_samples = 0
 
 
 EM_386, EM_X86_64 = 3, 62  # ELF e_machine (System V gABI)
@@ -493,6 +494,7 @@ class Target:
         rep.protocol = commit.protocol
         rep.check_stop_us = commit.check_stop_us
         rep.check_stops = commit.check_stops
+        rep.check_samples = commit.check_samples
         return rep
 
 

@@ -1,15 +1,17 @@
 """Is code in use? A thread's RIP and stack words against address ranges (DESIGN.md §4 R, §5 freeing memory).
 
 A thread uses a range of code when its RIP, the RIP a syscall restart will rewind it to (RIP - 2, research
-§4.3), or any word of its stack (a return address, a signal frame's saved RIP) lies inside. Threads are looked
-at one at a time with the others running (:class:`~hotpatch.process.live.LiveWorld`), so this costs each
-thread one short stop and never stops two at once — and a thread asleep in the kernel no stop at all
-(:func:`look_asleep`).
+§4.3), or any word of its stack (a return address, a signal frame's saved RIP) lies inside. :func:`views`
+looks at threads with the others running (:class:`~hotpatch.process.live.LiveWorld`) and stops none where it
+can: a thread asleep in the kernel is read in place (:func:`look_asleep`), a running one through one perf
+sample (:mod:`hotpatch.process.sampling`, all of them at once). Only where neither works is a thread stopped,
+one at a time, never two at once (:func:`view_of`).
 """
 
 from __future__ import annotations
 
 import bisect
+import os
 import struct
 import time
 from collections.abc import Sequence
@@ -18,10 +20,15 @@ from typing import NamedTuple
 from .process.live import LiveWorld
 from .process.maps import Mapping
 from .process.memory import Memory
+from .process.sampling import Sample, Sampler, SamplingUnavailable
 from .process.threads import Thread
 
 STACK_SCAN_LIMIT = 1 << 20  # bytes of stack scanned per thread for return addresses
 WATCH_S = 0.05  # how long a busy thread is looked at again when checking whether memory is still in use
+SAMPLE_WAIT_S = 1.0  # how long a running thread's perf sample is awaited before it is stopped instead
+SAMPLE_WINDOW = 32  # threads armed for a sample at once (each event locks 1 + DATA_PAGES pages)
+POLL_S = 0.0005  # between two looks at the armed events
+ASLEEP_EVERY_S = 0.005  # how often an armed thread not sampled yet is checked for having gone to sleep
 
 
 def stack_words(data: bytes, word: int) -> list[int]:
@@ -63,14 +70,21 @@ class ThreadView(NamedTuple):
         return False
 
 
-def _stack(mem: Memory, maps: list[Mapping], rsp: int, word: int) -> bytes:
-    """The stack from ``rsp`` up to the end of the mapping holding it (at most STACK_SCAN_LIMIT bytes; ``maps``
-    sorted by address, as /proc/PID/maps is); empty when no mapping holds it."""
+def _stack_span(maps: list[Mapping], rsp: int, word: int) -> tuple[int, int]:
+    """``(start, end)``: the stack to scan, from ``rsp`` rounded down to a word up to the end of the mapping
+    holding it, at most STACK_SCAN_LIMIT bytes (``maps`` sorted by address, as /proc/PID/maps is); empty
+    (start == end) when no mapping holds it."""
     i = bisect.bisect_right([m.start for m in maps], rsp) - 1
     if i >= 0 and maps[i].start <= rsp < maps[i].end:
         start = rsp & -word
-        return mem.try_read(start, min(maps[i].end, start + STACK_SCAN_LIMIT) - start) or b""
-    return b""
+        return start, min(maps[i].end, start + STACK_SCAN_LIMIT)
+    return rsp, rsp
+
+
+def _stack(mem: Memory, maps: list[Mapping], rsp: int, word: int) -> bytes:
+    """The stack of :func:`_stack_span`, read from the target (empty when no mapping holds ``rsp``)."""
+    start, end = _stack_span(maps, rsp, word)
+    return (mem.try_read(start, end - start) or b"") if end > start else b""
 
 
 def look(mem: Memory, maps: list[Mapping], th: Thread, word: int) -> ThreadView:
@@ -114,6 +128,96 @@ def look_asleep(mem: Memory, maps: list[Mapping], pid: int, tid: int, word: int)
     return ThreadView((pc, pc - 2) if fields[0] != "-1" else (pc,), data, word)
 
 
+def _from_sample(maps: list[Mapping], s: Sample, word: int) -> ThreadView | None:
+    """The :class:`ThreadView` a perf sample gives: the same stack :func:`_stack` would read, from the
+    sample's copy; None when the copy is shorter (a deeper stack, or a page the kernel could not read)."""
+    if s.rip == 0:
+        return None
+    start, end = _stack_span(maps, s.rsp, word)
+    if end <= start:
+        return ThreadView((s.rip,), b"", word)
+    skip = -s.rsp % word  # the copy starts at RSP itself: from the first whole word
+    if end - s.rsp > len(s.stack):
+        return None
+    return ThreadView((s.rip,), s.stack[skip : end - s.rsp], word)
+
+
+def _sampled(
+    world: LiveWorld, mem: Memory, maps: list[Mapping], tids: list[int], word: int, out: dict[int, ThreadView | None]
+) -> list[int]:
+    """Put into ``out`` the views of the running threads ``tids`` taken from one perf sample each (at most
+    SAMPLE_WINDOW armed at once), or in place once asleep; the others' events are served meanwhile. Returns
+    the threads left to stop: not sampled within SAMPLE_WAIT_S, a stack deeper than a sample holds, or all
+    not yet seen when the kernel refuses perf events."""
+    todo, left = list(reversed(tids)), []
+    armed: dict[int, float] = {}  # tid -> when armed
+    try:
+        with Sampler() as sampler:
+            asleep_at = time.monotonic() + ASLEEP_EVERY_S
+            while todo or armed:
+                while todo and len(armed) < SAMPLE_WINDOW:
+                    tid = todo.pop()
+                    if sampler.add(tid):
+                        armed[tid] = time.monotonic()
+                    elif os.path.exists(f"/proc/{world.pid}/task/{tid}") and armed:
+                        todo.append(tid)  # fds or locked memory used up: wait for the armed ones
+                        break
+                    else:
+                        out[tid] = None  # gone
+                world.pump()  # signal-delivery-stops, new threads: as while a thread is stopped
+                for s in sampler.poll():
+                    del armed[s.tid]
+                    view = _from_sample(maps, s, word)
+                    if view is None:
+                        left.append(s.tid)
+                    else:
+                        out[s.tid] = view
+                        world.samples_by_tid[s.tid] = world.samples_by_tid.get(s.tid, 0) + 1
+                now = time.monotonic()
+                for tid, since in list(armed.items()):
+                    view = None
+                    if tid not in world.threads or now >= asleep_at:
+                        view = look_asleep(mem, maps, world.pid, tid, word) if tid in world.threads else None
+                    if tid not in world.threads or view is not None or now - since > SAMPLE_WAIT_S:
+                        sampler.drop(tid)
+                        del armed[tid]
+                        if view is not None or tid not in world.threads:
+                            out[tid] = view
+                        else:
+                            left.append(tid)
+                if now >= asleep_at:
+                    asleep_at = now + ASLEEP_EVERY_S
+                if armed:
+                    time.sleep(POLL_S)
+    except SamplingUnavailable:
+        return [t for t in tids if t not in out]
+    return left
+
+
+def views(
+    world: LiveWorld, mem: Memory, maps: list[Mapping], tids: Sequence[int], word: int
+) -> dict[int, ThreadView | None]:
+    """The :class:`ThreadView` of each seized thread of ``tids``, each looked at once; None for one that is
+    gone. A thread asleep in the kernel is looked at in place (:func:`look_asleep`), a running one through a
+    perf sample (:mod:`hotpatch.process.sampling`): neither is stopped. A thread stopped already (a group-stop)
+    is read as it is; one that gives no usable sample is stopped alone (:func:`view_of`)."""
+    out: dict[int, ThreadView | None] = {}
+    running = []
+    for tid in tids:
+        th = world.threads.get(tid)
+        if th is None or th.stopped:
+            out[tid] = look(mem, maps, th, word) if th is not None else None
+            continue
+        view = look_asleep(mem, maps, world.pid, tid, word)
+        if view is None:
+            running.append(tid)
+        else:
+            out[tid] = view
+    for tid in _sampled(world, mem, maps, running, word, out) if running else []:
+        out[tid] = view_of(world, mem, maps, tid, word)
+    return out
+
+
 def view_of(world: LiveWorld, mem: Memory, maps: list[Mapping], tid: int, word: int) -> ThreadView | None:
     """The :class:`ThreadView` of seized thread ``tid``: taken asleep (:func:`look_asleep`), else with the
     thread stopped alone for the register and stack read and resumed at once. None when it is gone."""
@@ -139,8 +243,7 @@ def watch_pass(
     pending = list(world.threads)
     deadline = time.monotonic() + WATCH_S
     while True:
-        for tid in pending:  # read while stopped (or asleep), judged once it runs again
-            view = view_of(world, mem, maps, tid, word)
+        for tid, view in views(world, mem, maps, pending, word).items():
             if view is None:
                 busy_by.pop(tid, None)
                 continue

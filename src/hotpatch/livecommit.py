@@ -10,9 +10,10 @@ behind: the program ends on its own. Steps:
    (two injected system calls), and is pointed at the program. Threads are only ever stopped one at a time.
 2. The program puts ``EB FE`` at every key and syncs (``membarrier`` SYNC_CORE, registered once per process
    before anything is written). A thread reaching a key now spins there for the rest of the window.
-3. Protocol R only (changes with ``span``): the tool looks at threads one at a time until each has been seen
-   with no RIP (or syscall-restart RIP - 2) and no stack word strictly inside ``(key, key + span)``; no two
-   are stopped by us at once. Then it writes the go flag (or abort, after ROLLING_TIMEOUT_S).
+3. Protocol R only (changes with ``span``): the tool looks at the threads (:func:`~hotpatch.inuse.views`: in
+   place when asleep, through a perf sample when running, stopped alone only where neither works; no two are
+   ever stopped by us at once) until each has been seen with no RIP (or syscall-restart RIP - 2) and no stack
+   word strictly inside ``(key, key + span)``. Then it writes the go flag (or abort, after ROLLING_TIMEOUT_S).
 4. The program writes the other bytes, syncs, writes each key's new first word, syncs, and returns its
    thread to what it was doing. The tool unmaps the two pages once that thread has left them.
 
@@ -30,7 +31,7 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 
 from .errors import HotpatchError, SiteError, TargetError
-from .inuse import ThreadView, look, view_of, watch_pass
+from .inuse import ThreadView, look, views, watch_pass
 from .process import remote
 from .process.live import LiveWorld, next_pcs
 from .process.maps import Mapping, read_maps
@@ -117,8 +118,8 @@ def _prot(maps: list[Mapping], page: int) -> int:
 class LiveCommit:
     """One commit of ``changes`` with the world running; see the module docstring.
 
-    ``watch``: regions (addr, bytes) to check, after the commit, for threads still using them (RIP or a stack
-    word inside), one thread at a time — for deciding whether memory may be freed. ``bitness``: the target's
+    ``watch``: regions (addr, bytes) to check, after the commit, for threads still using them (RIP or a stack word
+    inside), as protocol R's check looks at them — for deciding whether memory may be freed. ``bitness``: the target's
     (64, or 32 for i386: 4-byte stack words, a 32-bit program).
     """
 
@@ -159,6 +160,7 @@ class LiveCommit:
         report.pause_us = world.longest_one_us
         report.check_stop_us = max((us for t, us in world.longest_by_tid.items() if t != self._runner_tid), default=0.0)
         report.check_stops = sum(n for t, n in world.stops_by_tid.items() if t != self._runner_tid)
+        report.check_samples = sum(n for t, n in world.samples_by_tid.items() if t != self._runner_tid)
         report.window_us = (time.perf_counter() - started) * 1e6
         return report
 
@@ -307,10 +309,10 @@ def _rolling_rounds(
     deadline: float,
     word: int,
 ) -> None:
-    """Look at the ``pending`` threads one at a time until each was seen ``clear``; raises RollingTimeout."""
+    """Look at the ``pending`` threads (:func:`~hotpatch.inuse.views`) until each was seen ``clear``; raises
+    RollingTimeout."""
     while pending:
-        for tid in sorted(pending):
-            view = view_of(world, mem, maps, tid, word)  # asleep: no stop
+        for tid, view in views(world, mem, maps, sorted(pending), word).items():
             if view is None or clear(view):
                 pending.discard(tid)
         if pending:

@@ -7,7 +7,7 @@ inside the bytes being overwritten is moved to the matching place in the trampol
 (research §4.3) — before any byte is written, so a SIGKILL of the tool never resumes a thread inside a new
 jump —, every change is written with one ``pwrite`` each, and the threads are released. If anything
 fails after the first write, every written byte is restored before the threads run again (invariant 3).
-Whether memory to free is still in use is checked after the release, one thread at a time
+Whether memory to free is still in use is checked after the release, with the threads running
 (:func:`.inuse.watch_pass`): reading 512 stacks with the world stopped took longer than the commit.
 Catchable signals are blocked in the tool while the threads are stopped, so Ctrl-C cannot split a commit.
 """
@@ -56,21 +56,25 @@ class SiteChange(NamedTuple):
 
 
 class CommitReport:
-    """What a commit did: ``pause_us`` (the longest time any thread was stopped, µs; under protocol B, from
-    the first interrupt to the last release), ``threads`` traced, threads ``moved`` out of overwritten bytes
-    (B; 0 under A and R, which stop no thread inside), watched regions found ``busy`` (a RIP or a stack word inside
-    them), ``window_us`` the whole commit's length (µs) and the ``protocol`` used. ``check_stop_us``: the longest
-    time one thread was stopped other than the one borrowed to run the commit (A and R: protocol R's check and
-    the watch, one thread at a time; B: ``pause_us``), µs; ``check_stops``: how many stops those were (A and
-    R: counted per stop, a thread asleep in the kernel being looked at without one; B: one per thread of the
-    world's stop, the watch after it not counted)."""
+    """What a commit did: ``pause_us`` (the longest time any thread was stopped, µs; under protocol B, from the first
+    interrupt to the last release), ``threads`` traced, threads ``moved`` out of overwritten bytes (B; 0 under A and R,
+    which stop no thread inside), watched regions found ``busy`` (a RIP or a stack word inside them), ``window_us`` the
+    whole commit's length (µs) and the ``protocol`` used. ``check_stop_us``: the longest time one thread was stopped
+    other than the one borrowed to run the commit (A and R: protocol R's check and the watch, a thread stopped alone
+    where no perf sample could be had; B: ``pause_us``), µs; ``check_stops``: how many stops those were (A and R:
+    counted per stop, a thread asleep in the kernel being looked at without one; B: one per thread of the world's stop,
+    the watch after it not counted); ``check_samples``: the threads looked at through a perf sample, with no stop (A and
+    R, :mod:`hotpatch.process.sampling`)."""
 
-    __slots__ = ("busy", "check_stop_us", "check_stops", "moved", "pause_us", "protocol", "threads", "window_us")
+    __slots__ = (
+        "busy", "check_samples", "check_stop_us", "check_stops", "moved", "pause_us", "protocol", "threads", "window_us"
+    )
 
     def __init__(self, protocol: str = "B") -> None:
         self.pause_us = 0.0
         self.check_stop_us = 0.0
         self.check_stops = 0
+        self.check_samples = 0
         self.window_us = 0.0
         self.threads = 0
         self.moved = 0

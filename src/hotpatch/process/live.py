@@ -46,6 +46,7 @@ class LiveWorld(World):
         super().__init__(pid, exit_detaches)
         self.longest_by_tid: dict[int, float] = {}  # tid -> its longest stop (µs)
         self.stops_by_tid: dict[int, int] = {}  # tid -> how many times stop_one stopped it
+        self.samples_by_tid: dict[int, int] = {}  # tid -> how many times it was looked at through a perf sample
         self._wanted: dict[int, float] = {}  # tid -> perf_counter() when its stop was seen (0: asked, not seen)
 
     # -- events -------------------------------------------------------------------------------------

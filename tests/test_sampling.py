@@ -1,0 +1,90 @@
+"""perf samples of running threads (hotpatch.process.sampling, hotpatch.inuse.views): what a sample shows
+against what a stop shows, for spinning threads of a real target, with no thread stopped."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from conftest import Procs, assert_running
+from hotpatch.inuse import _from_sample, look, views
+from hotpatch.process.live import LiveWorld
+from hotpatch.process.maps import read_maps
+from hotpatch.process.memory import Memory
+from hotpatch.process.sampling import Sample, Sampler
+from hotpatch.process.tracer import run_as_tracer
+from test_inuse import start_sleepers
+
+
+def _samples(tids: list[int]) -> dict[int, Sample]:
+    got: dict[int, Sample] = {}
+    deadline = time.monotonic() + 10
+    with Sampler() as sampler:
+        for tid in tids:
+            assert sampler.add(tid)
+        while len(got) < len(tids):
+            assert time.monotonic() < deadline, f"no sample of {set(tids) - set(got)} within 10 s"
+            got.update((s.tid, s) for s in sampler.poll())
+            time.sleep(0.001)
+    return got
+
+
+def test_a_sample_shows_the_frames_a_stop_shows(tmp_path: Path, procs: Procs) -> None:
+    """A spinning thread's sample: RIP in executable code, RSP in the thread's stack, and the stack copied up
+    to its mapping's end, holding every return address into the executable or a library that a stop of the
+    same thread shows (the frames below the spinning loop do not change while it spins)."""
+    p, workers, _ = start_sleepers(tmp_path, procs, spin=True)
+    samples = _samples(workers)
+    with Memory(p.pid) as mem:
+        maps = read_maps(p.pid)
+        code = [(m.start, m.end) for m in maps if "x" in m.perms and m.path]
+
+        def stopped_stacks() -> dict[int, list[int]]:
+            world = LiveWorld(p.pid, exit_detaches=True)
+            out = {}
+            try:
+                world.seize()
+                for tid in workers:
+                    th = world.stop_one(tid)
+                    assert th is not None
+                    view = look(mem, maps, th, 8)
+                    out[tid] = [w for w in memoryview(view.stack).cast("Q") if any(a <= w < b for a, b in code)]
+                    world.resume_one(tid)
+            finally:
+                world.detach_all()
+            return out
+
+        returns = run_as_tracer(stopped_stacks)
+    for tid in workers:
+        s = samples[tid]
+        assert any(a <= s.rip < b for a, b in code), f"thread {tid}: RIP {s.rip:#x} outside the code"
+        view = _from_sample(maps, s, 8)
+        assert view is not None, f"thread {tid}: the sample's stack ({len(s.stack)} bytes) is short"
+        stack = next(m for m in maps if m.start <= s.rsp < m.end)
+        assert len(view.stack) == stack.end - s.rsp  # an 8-aligned RSP: the copy starts at it
+        words = set(memoryview(view.stack).cast("Q").tolist())
+        assert returns[tid] and set(returns[tid]) <= words, f"thread {tid}: frames missing from the sample"
+    assert_running(p.pid)
+
+
+def test_views_sample_running_threads_and_stop_none(tmp_path: Path, procs: Procs) -> None:
+    """views() over spinning threads and an asleep one: the spinners are sampled, the asleep main thread is
+    read in place; no stop at all."""
+    p, workers, _ = start_sleepers(tmp_path, procs, spin=True)
+    with Memory(p.pid) as mem:
+        maps = read_maps(p.pid)
+
+        def look_all() -> tuple[dict[int, bool], int, int]:
+            world = LiveWorld(p.pid, exit_detaches=True)
+            try:
+                world.seize()
+                seen = views(world, mem, maps, [p.pid, *workers], 8)
+                looked = {t: v is not None for t, v in seen.items()}
+                return looked, sum(world.samples_by_tid.values()), sum(world.stops_by_tid.values())
+            finally:
+                world.detach_all()
+
+        seen, samples, stops = run_as_tracer(look_all)
+    assert seen == dict.fromkeys([p.pid, *workers], True)
+    assert (samples, stops) == (len(workers), 0)
+    assert_running(p.pid)
