@@ -6,12 +6,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from conftest import Procs, assert_running
+from conftest import TARGETS, Procs, assert_running, compile_program, wait_for_line
 from hotpatch.inuse import _from_sample, look, views
 from hotpatch.process.live import LiveWorld
 from hotpatch.process.maps import read_maps
 from hotpatch.process.memory import Memory
-from hotpatch.process.sampling import Sample, Sampler
+from hotpatch.process.sampling import STACK_DUMP, Sample, Sampler
 from hotpatch.process.tracer import run_as_tracer
 from test_inuse import start_sleepers
 
@@ -87,4 +87,32 @@ def test_views_sample_running_threads_and_stop_none(tmp_path: Path, procs: Procs
         seen, samples, stops = run_as_tracer(look_all)
     assert seen == dict.fromkeys([p.pid, *workers], True)
     assert (samples, stops) == (len(workers), 0)
+    assert_running(p.pid)
+
+
+def test_a_stack_deeper_than_a_sample_is_looked_at_with_a_stop(tmp_path: Path, procs: Procs) -> None:
+    """A thread 128 KiB down a recursion gives a sample whose stack copy stops short of its mapping's end:
+    views() stops it alone (a stop reads the whole stack) and samples the shallow one."""
+    exe = compile_program(TARGETS / "deep_stack.c", tmp_path / "deep_stack")
+    p = procs.start(exe)
+    wait_for_line(p, lambda line: line.strip() == "ready")
+    tasks = [t for t in Path(f"/proc/{p.pid}/task").iterdir() if int(t.name) != p.pid]
+    deep = next(int(t.name) for t in tasks if (t / "comm").read_text().strip() == "deep")
+    shallow = next(int(t.name) for t in tasks if int(t.name) != deep)
+    with Memory(p.pid) as mem:
+        maps = read_maps(p.pid)
+
+        def look_all() -> tuple[dict[int, int], dict[int, int], dict[int, int]]:
+            world = LiveWorld(p.pid, exit_detaches=True)
+            try:
+                world.seize()
+                seen = views(world, mem, maps, [deep, shallow], 8)
+                sizes = {t: len(v.stack) for t, v in seen.items() if v is not None}
+                return sizes, dict(world.samples_by_tid), dict(world.stops_by_tid)
+            finally:
+                world.detach_all()
+
+        sizes, samples, stops = run_as_tracer(look_all)
+    assert (samples, stops) == ({shallow: 1}, {deep: 1})
+    assert sizes[deep] > 128 * 1024 > STACK_DUMP  # the whole stack, read during the stop
     assert_running(p.pid)

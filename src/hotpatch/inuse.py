@@ -175,13 +175,15 @@ def _sampled(
                         world.samples_by_tid[s.tid] = world.samples_by_tid.get(s.tid, 0) + 1
                 now = time.monotonic()
                 for tid, since in list(armed.items()):
-                    view = None
-                    if tid not in world.threads or now >= asleep_at:
-                        view = look_asleep(mem, maps, world.pid, tid, word) if tid in world.threads else None
-                    if tid not in world.threads or view is not None or now - since > SAMPLE_WAIT_S:
+                    th, view = world.threads.get(tid), None
+                    if th is not None and th.stopped:  # a group-stop (SIGSTOP) meanwhile: no sample will come
+                        view = look(mem, maps, th, word)
+                    elif th is not None and now >= asleep_at:
+                        view = look_asleep(mem, maps, world.pid, tid, word)
+                    if th is None or view is not None or now - since > SAMPLE_WAIT_S:
                         sampler.drop(tid)
                         del armed[tid]
-                        if view is not None or tid not in world.threads:
+                        if view is not None or th is None:
                             out[tid] = view
                         else:
                             left.append(tid)
