@@ -163,12 +163,14 @@ def test_a_rolling_apply_stops_no_sleeping_thread(tmp_path: Path, procs: Procs) 
 
 
 @pytest.mark.parametrize("sampling", [True, False], ids=["sampled", "stopped"])
-def test_a_rolling_cycle_looks_at_each_running_thread_once_per_operation(
+def test_a_rolling_cycle_looks_at_each_running_thread_twice_per_operation(
     tmp_path: Path, procs: Procs, monkeypatch: pytest.MonkeyPatch, sampling: bool
 ) -> None:
-    """Protocol R's check (apply) and the watch of the patch's memory (revert) each look at a running thread
-    once when it is outside the site: through a perf sample, stopping none (``check_samples``), or — perf
-    events turned off — stopping each once (``check_stops``), the borrowed asleep thread aside."""
+    """Each operation of a rolling cycle looks at every running thread twice, through a perf sample, stopping
+    none (``check_samples``), or — perf events turned off — stopping each alone (``check_stops``), the
+    borrowed asleep thread aside: apply for protocol R's check and, its keys having spun on ``EB FE``, to see
+    every thread out of fork() (hotpatch.forkfix); revert for the same fork wait and the watch of the patch's
+    memory."""
     monkeypatch.setattr(sampling_mod, "ENABLED", sampling)
     p, workers, patch = start_sleepers(tmp_path, procs, spin=True)
     with hotpatch.attach(p.pid) as target:
@@ -180,7 +182,7 @@ def test_a_rolling_cycle_looks_at_each_running_thread_once_per_operation(
         assert reps[1].retained == []  # the memory was freed: nothing uses it
     for r in reps:
         looked = (r.check_samples, r.check_stops) if sampling else (r.check_stops, r.check_samples)
-        assert looked == (len(workers), 0), f"{r.check_samples} samples, {r.check_stops} stops for {len(workers)}"
+        assert looked == (2 * len(workers), 0), f"{r.check_samples} samples, {r.check_stops} stops"
         assert (r.check_stop_us == 0) == sampling
     assert compute(p, 5) == 16
     assert_running(p.pid)

@@ -39,11 +39,14 @@ def stack_words(data: bytes, word: int) -> list[int]:
 
 class ThreadView(NamedTuple):
     """What of a stopped thread can point into code: ``pcs`` (RIP, and RIP - 2 when a syscall restart will
-    rewind it, research §4.3) and ``stack`` (its used stack, read from a ``word``-aligned RSP)."""
+    rewind it, research §4.3) and ``stack`` (its used stack, read from a ``word``-aligned RSP); ``syscall``:
+    for a thread seen asleep, the proc(5) /proc/PID/task/TID/syscall line's fields (number and six
+    arguments, hex), else empty."""
 
     pcs: tuple[int, ...]
     stack: bytes
     word: int
+    syscall: tuple[str, ...] = ()
 
     def touches(self, lo: int, hi: int) -> bool:
         """True when a pc or a ``word``-byte stack word lies in ``(lo, hi)`` (both excluded).
@@ -109,30 +112,36 @@ def _blocked_at(pid: int, tid: int) -> tuple[str, int] | None:
     return None if line.startswith("running") or switches < 0 else (line, switches)
 
 
-def look_asleep(mem: Memory, maps: list[Mapping], pid: int, tid: int, word: int) -> ThreadView | None:
+def look_asleep(
+    mem: Memory, maps: list[Mapping], pid: int, tid: int, word: int, stack: bool = True
+) -> ThreadView | None:
     """The :class:`ThreadView` of thread ``tid`` taken without stopping it, when it stays blocked in the kernel
     throughout; None when it runs (or ran meanwhile): stop it and :func:`look` instead.
 
     Its user registers cannot change while it is blocked, nor its stack (only it writes there). Before and
     after the stack read, its syscall line and voluntary switch count must be equal: to run user code in
     between it must have left the CPU again (count + 1) or be seen running. ``pcs`` are PC and PC - 2 (a
-    syscall restart's rewind, research §4.3, counted whether or not one will happen)."""
+    syscall restart's rewind, research §4.3, counted whether or not one will happen). Without ``stack`` the
+    view's stack is left empty (nothing is read)."""
     before = _blocked_at(pid, tid)
     if before is None:
         return None
     fields = before[0].split()
     sp, pc = int(fields[-2], 16), int(fields[-1], 16)
-    data = _stack(mem, maps, sp, word)
+    data = _stack(mem, maps, sp, word) if stack else b""
     if _blocked_at(pid, tid) != before:
         return None
-    return ThreadView((pc, pc - 2) if fields[0] != "-1" else (pc,), data, word)
+    return ThreadView((pc, pc - 2) if fields[0] != "-1" else (pc,), data, word, tuple(fields[:-2]))
 
 
-def _from_sample(maps: list[Mapping], s: Sample, word: int) -> ThreadView | None:
+def _from_sample(maps: list[Mapping], s: Sample, word: int, stack: bool = True) -> ThreadView | None:
     """The :class:`ThreadView` a perf sample gives: the same stack :func:`_stack` would read, from the
-    sample's copy; None when the copy is shorter (a deeper stack, or a page the kernel could not read)."""
+    sample's copy (none without ``stack``); None when the copy is shorter (a deeper stack, or a page the
+    kernel could not read)."""
     if s.rip == 0:
         return None
+    if not stack:
+        return ThreadView((s.rip,), b"", word)
     start, end = _stack_span(maps, s.rsp, word)
     if end <= start:
         return ThreadView((s.rip,), b"", word)
@@ -143,7 +152,13 @@ def _from_sample(maps: list[Mapping], s: Sample, word: int) -> ThreadView | None
 
 
 def _sampled(
-    world: LiveWorld, mem: Memory, maps: list[Mapping], tids: list[int], word: int, out: dict[int, ThreadView | None]
+    world: LiveWorld,
+    mem: Memory,
+    maps: list[Mapping],
+    tids: list[int],
+    word: int,
+    out: dict[int, ThreadView | None],
+    stack: bool = True,
 ) -> list[int]:
     """Put into ``out`` the views of the running threads ``tids`` taken from one perf sample each (at most
     SAMPLE_WINDOW armed at once), or in place once asleep; the others' events are served meanwhile. Returns
@@ -167,7 +182,7 @@ def _sampled(
                 world.pump()  # signal-delivery-stops, new threads: as while a thread is stopped
                 for s in sampler.poll():
                     del armed[s.tid]
-                    view = _from_sample(maps, s, word)
+                    view = _from_sample(maps, s, word, stack)
                     if view is None:
                         left.append(s.tid)
                     else:
@@ -179,7 +194,7 @@ def _sampled(
                     if th is not None and th.stopped:  # a group-stop (SIGSTOP) meanwhile: no sample will come
                         view = look(mem, maps, th, word)
                     elif th is not None and now >= asleep_at:
-                        view = look_asleep(mem, maps, world.pid, tid, word)
+                        view = look_asleep(mem, maps, world.pid, tid, word, stack)
                     if th is None or view is not None or now - since > SAMPLE_WAIT_S:
                         sampler.drop(tid)
                         del armed[tid]
@@ -197,12 +212,14 @@ def _sampled(
 
 
 def views(
-    world: LiveWorld, mem: Memory, maps: list[Mapping], tids: Sequence[int], word: int
+    world: LiveWorld, mem: Memory, maps: list[Mapping], tids: Sequence[int], word: int, stack: bool = True
 ) -> dict[int, ThreadView | None]:
     """The :class:`ThreadView` of each seized thread of ``tids``, each looked at once; None for one that is
     gone. A thread asleep in the kernel is looked at in place (:func:`look_asleep`), a running one through a
     perf sample (:mod:`hotpatch.process.sampling`): neither is stopped. A thread stopped already (a group-stop)
-    is read as it is; one that gives no usable sample is stopped alone (:func:`view_of`)."""
+    is read as it is; one that gives no usable sample is stopped alone (:func:`view_of`). Without ``stack``
+    only where a thread is (its PC, its system call when asleep) matters: no stack is read, and a sample whose
+    stack copy is short is enough."""
     out: dict[int, ThreadView | None] = {}
     running = []
     for tid in tids:
@@ -210,12 +227,12 @@ def views(
         if th is None or th.stopped:
             out[tid] = look(mem, maps, th, word) if th is not None else None
             continue
-        view = look_asleep(mem, maps, world.pid, tid, word)
+        view = look_asleep(mem, maps, world.pid, tid, word, stack)
         if view is None:
             running.append(tid)
         else:
             out[tid] = view
-    for tid in _sampled(world, mem, maps, running, word, out) if running else []:
+    for tid in _sampled(world, mem, maps, running, word, out, stack) if running else []:
         out[tid] = view_of(world, mem, maps, tid, word)
     return out
 

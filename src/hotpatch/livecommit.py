@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 
 from .errors import HotpatchError, SiteError, TargetError
+from .forkfix import await_forks, settle_child
 from .inuse import ThreadView, look, views, watch_pass
 from .process import remote
 from .process.live import LiveWorld, next_pcs
@@ -129,6 +130,9 @@ class LiveCommit:
         self.changes = list(changes)
         self._runner_tid = 0  # the thread borrowed to run the program (0: none yet)
         self.edits = [selfloop.Edit(c.address, c.expected, c.new, c.key) for c in self.changes]
+        self.loops = any(selfloop.needs_loop(e) for e in self.edits)  # some key spins on EB FE meanwhile
+        self._prot: dict[int, int] = {}  # page -> its protection before the program (PROT_* bits)
+        self._area = 0  # the program's two pages, once mapped
         for c in self.changes:
             if not selfloop.key_fits(c.key):
                 raise SiteError(f"{c.label}: the key at {c.key:#x} ends a cache line; no atomic 2-byte store")
@@ -147,11 +151,18 @@ class LiveCommit:
         maps = read_maps(self.pid)
         started = time.perf_counter()
         try:  # (Ctrl-C and the other termination signals are held by run_as_tracer)
-            if watch or any(c.span for c in self.changes):
-                world.seize()  # R's check or the watch looks at every thread
-            world.boost()  # (protocol A with nothing to watch traces the program's thread alone)
+            if watch or self.loops or any(c.span for c in self.changes):
+                # R's check or the watch looks at every thread; a child forked while a key spins is settled
+                world.on_fork = self._settle_child
+                world.seize()
+            world.boost()  # (protocol A with short jumps alone and nothing to watch traces the program's thread alone)
             check_bytes(self.mem, self.changes)
-            self._commit(world, maps)
+            try:
+                self._commit(world, maps)
+            finally:
+                if self.loops and world.on_fork is not None:
+                    with suppress(HotpatchError):
+                        await_forks(world, self.mem, maps, self.word)
             if watch:
                 report.busy = watch_pass(world, self.mem, maps, watch, self.word)
             report.threads = len(world.threads)
@@ -175,11 +186,11 @@ class LiveCommit:
             area = inject.mmap(
                 0, 2 * selfloop.PAGE, remote.PROT_READ | remote.PROT_WRITE, remote.MAP_PRIVATE | remote.MAP_ANONYMOUS
             )
-            data = area + selfloop.PAGE
+            self._area, data = area, area + selfloop.PAGE
             resume = inject.saved.copy()
             resume.rip, resume.rax = inject.arch.resume_point(inject.saved)
             resume.orig_rax = 2**64 - 1
-            prot = {page: _prot(maps, page) for page in selfloop.pages_of(self.edits)}
+            prot = self._prot = {page: _prot(maps, page) for page in selfloop.pages_of(self.edits)}
             wait = PROGRAM_WAIT_S if ranges else None
             self.mem.write(area, selfloop.build(area, self.edits, prot, resume, wait, self.bitness))
             self.mem.write(data, selfloop.data_page(self.bitness))
@@ -194,6 +205,10 @@ class LiveCommit:
             self._unmap(world, th.tid, area)
         if outcome == selfloop.FAILED:
             raise TargetError(f"the commit in PID {self.pid} could not start: {os.strerror(-err)}")
+
+    def _settle_child(self, child: int) -> None:
+        """LiveWorld.on_fork: settle a child forked meanwhile (:func:`hotpatch.forkfix.settle_child`)."""
+        settle_child(child, self.edits, self._prot, self.stub, self._area)
 
     def _launch(self, world: LiveWorld, th: Thread, resume: Regs, area: int) -> None:
         """Point the stopped thread ``th`` at the program at ``area`` and let it run (from here on, the

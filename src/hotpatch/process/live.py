@@ -48,6 +48,15 @@ class LiveWorld(World):
         self.stops_by_tid: dict[int, int] = {}  # tid -> how many times stop_one stopped it
         self.samples_by_tid: dict[int, int] = {}  # tid -> how many times it was looked at through a perf sample
         self._wanted: dict[int, float] = {}  # tid -> perf_counter() when its stop was seen (0: asked, not seen)
+        self.on_fork: Callable[[int], None] | None = None
+        """Set before :meth:`seize`: threads are seized with ``PTRACE_O_TRACEFORK`` too, and this is called with
+        the PID of each child a thread forks (attached to this tracer and starting in a ptrace-stop; the
+        callback must release it and never raise), after the forking thread was let go."""
+
+    @property
+    def seize_options(self) -> int:
+        """:attr:`World.seize_options`, plus ``PTRACE_O_TRACEFORK`` when :attr:`on_fork` is set."""
+        return super().seize_options | (ptrace.PTRACE_O_TRACEFORK if self.on_fork else 0)
 
     # -- events -------------------------------------------------------------------------------------
     def pump(self) -> None:
@@ -86,15 +95,17 @@ class LiveWorld(World):
                     self._mark_stopped(th)
                 else:
                     ptrace.cont(tid, sig)
-            else:  # an event stop inside a system call (PTRACE_EVENT_CLONE): no place to inject or judge a RIP
+            else:  # an event stop inside a system call (clone, fork): no place to inject or judge a RIP
+                child = ptrace.event_msg(tid) if event in (ptrace.PTRACE_EVENT_CLONE, ptrace.PTRACE_EVENT_FORK) else 0
                 if event == ptrace.PTRACE_EVENT_CLONE:
-                    child = ptrace.event_msg(tid)
                     self.threads.setdefault(child, Thread(child))
                 ptrace.cont(tid)
                 if tid in self._wanted:
                     # this stop consumed our PTRACE_INTERRUPT ("any trap clears pending STOP trap",
                     # kernel/signal.c ptrace_stop): ask again, for a stop once the call has returned
                     ptrace.interrupt(tid)
+                if event == ptrace.PTRACE_EVENT_FORK and self.on_fork is not None:
+                    self.on_fork(child)
         except PtraceError:
             self.threads.pop(tid, None)  # it died meanwhile
 

@@ -30,9 +30,11 @@ PTRACE_INTERRUPT: Final = 0x4207
 PTRACE_GET_SYSCALL_INFO: Final = 0x420E
 
 PTRACE_O_TRACESYSGOOD: Final = 0x1
+PTRACE_O_TRACEFORK: Final = 0x2
 PTRACE_O_TRACECLONE: Final = 0x8
 SYSCALL_STOP: Final = 0x85  # SIGTRAP | 0x80: a syscall-stop under PTRACE_O_TRACESYSGOOD
 SYSCALL_INFO_ENTRY, SYSCALL_INFO_EXIT = 1, 2
+PTRACE_EVENT_FORK: Final = 1
 PTRACE_EVENT_CLONE: Final = 3
 PTRACE_EVENT_STOP: Final = 128
 
@@ -160,7 +162,7 @@ def set_regs(tid: int, regs: Regs) -> None:
 
 
 def event_msg(tid: int) -> int:
-    """``PTRACE_GETEVENTMSG``: for a clone event, the new thread's tid."""
+    """``PTRACE_GETEVENTMSG``: for a clone event, the new thread's tid; for a fork event, the child's PID."""
     msg = ctypes.c_ulong()
     _call(PTRACE_GETEVENTMSG, tid, 0, ctypes.byref(msg))
     return int(msg.value)

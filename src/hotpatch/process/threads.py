@@ -164,9 +164,14 @@ class World:
         if tid not in self.threads:
             raise TargetError(f"thread {tid} of PID {self.pid} is gone")
 
+    @property
+    def seize_options(self) -> int:
+        """The ``PTRACE_SEIZE`` options every thread gets (ptrace(2)): clone events, syscall-stops marked."""
+        return ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_TRACESYSGOOD
+
     def _seize_one(self, tid: int) -> None:
         try:
-            ptrace.seize(tid)
+            ptrace.seize(tid, self.seize_options)
         except PtraceError as e:
             if e.errno == errno.ESRCH or is_zombie(self.pid, tid):
                 return
