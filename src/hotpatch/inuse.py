@@ -25,7 +25,8 @@ from .process.threads import Thread
 
 STACK_SCAN_LIMIT = 1 << 20  # bytes of stack scanned per thread for return addresses
 WATCH_S = 0.05  # how long a busy thread is looked at again when checking whether memory is still in use
-SAMPLE_WAIT_S = 1.0  # how long a running thread's perf sample is awaited before it is stopped instead
+SAMPLE_RUN_NS = 5_000_000  # CPU time a thread may run after being armed with no sample before it is stopped
+SAMPLE_WAIT_S = 10.0  # how long a thread that does not get a CPU is awaited (as LiveWorld.stop_one waits)
 SAMPLE_WINDOW = 32  # threads armed for a sample at once (each event locks 1 + DATA_PAGES pages)
 POLL_S = 0.0005  # between two looks at the armed events
 ASLEEP_EVERY_S = 0.005  # how often an armed thread not sampled yet is checked for having gone to sleep
@@ -151,6 +152,15 @@ def _from_sample(maps: list[Mapping], s: Sample, word: int, stack: bool = True) 
     return ThreadView((s.rip,), s.stack[skip : end - s.rsp], word)
 
 
+def _run_ns(pid: int, tid: int) -> int:
+    """CPU time thread ``tid`` has run, ns: proc(5) /proc/PID/task/TID/schedstat, first field (0 when gone)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _sampled(
     world: LiveWorld,
     mem: Memory,
@@ -162,10 +172,12 @@ def _sampled(
 ) -> list[int]:
     """Put into ``out`` the views of the running threads ``tids`` taken from one perf sample each (at most
     SAMPLE_WINDOW armed at once), or in place once asleep; the others' events are served meanwhile. Returns
-    the threads left to stop: not sampled within SAMPLE_WAIT_S, a stack deeper than a sample holds, or all
-    not yet seen when the kernel refuses perf events."""
+    the threads left to stop: one that ran SAMPLE_RUN_NS of CPU time with no sample (busy in the kernel), or
+    got no CPU for SAMPLE_WAIT_S (a stop waits for the CPU just as long; waiting is not given up earlier, as
+    a starved thread would only be stopped after as long a wait again), a stack deeper than a sample holds,
+    or all not yet seen when the kernel refuses perf events."""
     todo, left = list(reversed(tids)), []
-    armed: dict[int, float] = {}  # tid -> when armed
+    armed: dict[int, tuple[float, int]] = {}  # tid -> (when armed, its CPU time then, ns)
     try:
         with Sampler() as sampler:
             asleep_at = time.monotonic() + ASLEEP_EVERY_S
@@ -173,7 +185,7 @@ def _sampled(
                 while todo and len(armed) < SAMPLE_WINDOW:
                     tid = todo.pop()
                     if sampler.add(tid):
-                        armed[tid] = time.monotonic()
+                        armed[tid] = (time.monotonic(), _run_ns(world.pid, tid))
                     elif os.path.exists(f"/proc/{world.pid}/task/{tid}") and armed:
                         todo.append(tid)  # fds or locked memory used up: wait for the armed ones
                         break
@@ -189,13 +201,14 @@ def _sampled(
                         out[s.tid] = view
                         world.samples_by_tid[s.tid] = world.samples_by_tid.get(s.tid, 0) + 1
                 now = time.monotonic()
-                for tid, since in list(armed.items()):
-                    th, view = world.threads.get(tid), None
+                for tid, (since, ran) in list(armed.items()):
+                    th, view, late = world.threads.get(tid), None, now - since > SAMPLE_WAIT_S
                     if th is not None and th.stopped:  # a group-stop (SIGSTOP) meanwhile: no sample will come
                         view = look(mem, maps, th, word)
                     elif th is not None and now >= asleep_at:
                         view = look_asleep(mem, maps, world.pid, tid, word, stack)
-                    if th is None or view is not None or now - since > SAMPLE_WAIT_S:
+                        late = late or (view is None and _run_ns(world.pid, tid) - ran > SAMPLE_RUN_NS)
+                    if th is None or view is not None or late:
                         sampler.drop(tid)
                         del armed[tid]
                         if view is not None or th is None:
