@@ -116,8 +116,9 @@ _PROTOCOL_OPTION = click.option(
     type=click.Choice(["auto", "no-stop", "rolling", "stop-the-world"]),
     default="auto",
     show_default=True,
-    help="How sites are written (DESIGN.md §4): no-stop (A, no thread stopped), rolling (R, one thread at a time), "
-    "stop-the-world (B); auto picks the best each site allows.",
+    help="How sites are written (DESIGN.md §4): no-stop (A, no thread stopped), rolling (R, every thread seen out "
+    "of the overwritten bytes; through perf samples, else stopped one at a time), stop-the-world (B); auto picks "
+    "the best each site allows.",
 )
 
 
