@@ -163,14 +163,14 @@ def test_a_rolling_apply_stops_no_sleeping_thread(tmp_path: Path, procs: Procs) 
 
 
 @pytest.mark.parametrize("sampling", [True, False], ids=["sampled", "stopped"])
-def test_a_rolling_cycle_looks_at_each_running_thread_twice_per_operation(
+def test_a_rolling_cycle_looks_at_each_running_thread_once_per_pass(
     tmp_path: Path, procs: Procs, monkeypatch: pytest.MonkeyPatch, sampling: bool
 ) -> None:
-    """Each operation of a rolling cycle looks at every running thread twice, through a perf sample, stopping
-    none (``check_samples``), or — perf events turned off — stopping each alone (``check_stops``), the
-    borrowed asleep thread aside: apply for protocol R's check and, its keys having spun on ``EB FE``, to see
-    every thread out of fork() (hotpatch.forkfix); revert for the same fork wait and the watch of the patch's
-    memory."""
+    """A rolling cycle looks at every running thread once per pass, through a perf sample, stopping none
+    (``check_samples``), or — perf events turned off — stopping each alone (``check_stops``), the borrowed
+    asleep thread aside. Apply: protocol R's check, then, its keys having spun on ``EB FE``, the wait to see
+    every thread out of fork() (hotpatch.forkfix). Revert: the watch of the patch's memory, whose looks also
+    serve the fork wait."""
     monkeypatch.setattr(sampling_mod, "ENABLED", sampling)
     p, workers, patch = start_sleepers(tmp_path, procs, spin=True)
     with hotpatch.attach(p.pid) as target:
@@ -180,9 +180,9 @@ def test_a_rolling_cycle_looks_at_each_running_thread_twice_per_operation(
         assert compute(p, 5) == 17
         reps += target.revert("sleepers_patch", "rolling")
         assert reps[1].retained == []  # the memory was freed: nothing uses it
-    for r in reps:
+    for r, passes in zip(reps, (2, 1), strict=True):
         looked = (r.check_samples, r.check_stops) if sampling else (r.check_stops, r.check_samples)
-        assert looked == (2 * len(workers), 0), f"{r.check_samples} samples, {r.check_stops} stops"
+        assert looked == (passes * len(workers), 0), f"{r.check_samples} samples, {r.check_stops} stops"
         assert (r.check_stop_us == 0) == sampling
     assert compute(p, 5) == 16
     assert_running(p.pid)

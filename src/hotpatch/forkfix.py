@@ -23,7 +23,7 @@ before every fork that may have copied a half-made change has been reported (:fu
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from contextlib import suppress
 
 from .errors import HotpatchError
@@ -109,12 +109,15 @@ def in_fork(view: ThreadView, mem: Memory) -> bool:
     return not flags & CLONE_VM
 
 
-def await_forks(world: LiveWorld, mem: Memory, maps: list[MapEntry], word: int) -> None:
+def await_forks(
+    world: LiveWorld, mem: Memory, maps: list[MapEntry], word: int, out_of_fork: Set[int] = frozenset()
+) -> None:
     """Once the program's last store is made: look at every thread (:func:`hotpatch.inuse.views`, no stop
     where perf samples or /proc allow) until each is seen outside fork(), serving events meanwhile. A thread
     seen running user code has had its fork event served (it is raised before fork returns) and its child
-    settled; so has a thread asleep elsewhere. Gives up on a thread still inside fork() after FORK_WAIT_S."""
-    pending = set(world.threads)
+    settled; so has a thread asleep elsewhere. ``out_of_fork``: threads already seen so since the last store
+    (by the watch of memory to free). Gives up on a thread still inside fork() after FORK_WAIT_S."""
+    pending = set(world.threads) - out_of_fork
     deadline = time.monotonic() + FORK_WAIT_S
     while pending and time.monotonic() < deadline:
         world.pump()  # a thread in its fork event stop looks asleep inside fork(): serve it

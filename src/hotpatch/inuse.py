@@ -14,7 +14,7 @@ import bisect
 import os
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from .process.live import LiveWorld
@@ -265,17 +265,24 @@ def view_of(world: LiveWorld, mem: Memory, maps: list[Mapping], tid: int, word: 
 
 
 def watch_pass(
-    world: LiveWorld, mem: Memory, maps: list[Mapping], watch: Sequence[tuple[int, int]], word: int
+    world: LiveWorld,
+    mem: Memory,
+    maps: list[Mapping],
+    watch: Sequence[tuple[int, int]],
+    word: int,
+    seen: Callable[[int, ThreadView | None], None] | None = None,
 ) -> set[tuple[int, int]]:
     """The regions ``(addr, bytes)`` of ``watch`` some seized thread of ``world`` still uses (RIP or stack word
     inside); a busy thread is looked at again every 0.5 ms for up to WATCH_S (a preempted thread may stand on
     a jump a while). Call it once the new code is in place and synced: a thread seen clear can then never
-    enter the regions again."""
+    enter the regions again. ``seen`` is called with every look (tid, view; None: gone)."""
     busy_by: dict[int, set[tuple[int, int]]] = {}
     pending = list(world.threads)
     deadline = time.monotonic() + WATCH_S
     while True:
         for tid, view in views(world, mem, maps, pending, word).items():
+            if seen is not None:
+                seen(tid, view)
             if view is None:
                 busy_by.pop(tid, None)
                 continue

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 
 from .errors import HotpatchError, SiteError, TargetError
-from .forkfix import await_forks, settle_child
+from .forkfix import await_forks, in_fork, settle_child
 from .inuse import ThreadView, look, views, watch_pass
 from .process import remote
 from .process.live import LiveWorld, next_pcs
@@ -157,14 +157,21 @@ class LiveCommit:
                 world.seize()
             world.boost()  # (protocol A with short jumps alone and nothing to watch traces the program's thread alone)
             check_bytes(self.mem, self.changes)
+            forks = self.loops and world.on_fork is not None  # a child may have copied a self-loop
+            out_of_fork: set[int] = set()
             try:
                 self._commit(world, maps)
+                if watch:  # its looks also show who is out of fork()
+
+                    def seen(tid: int, view: ThreadView | None) -> None:
+                        if view is None or not in_fork(view, self.mem):
+                            out_of_fork.add(tid)
+
+                    report.busy = watch_pass(world, self.mem, maps, watch, self.word, seen if forks else None)
             finally:
-                if self.loops and world.on_fork is not None:
+                if forks:
                     with suppress(HotpatchError):
-                        await_forks(world, self.mem, maps, self.word)
-            if watch:
-                report.busy = watch_pass(world, self.mem, maps, watch, self.word)
+                        await_forks(world, self.mem, maps, self.word, out_of_fork)
             report.threads = len(world.threads)
         finally:
             world.detach_all()
