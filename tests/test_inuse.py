@@ -25,7 +25,7 @@ from conftest import TARGETS, Procs, assert_running, compile_program, run_cli, w
 from hotpatch.inuse import ThreadView, look, look_asleep, stack_words
 from hotpatch.process import sampling as sampling_mod
 from hotpatch.process.live import LiveWorld
-from hotpatch.process.maps import read_maps
+from hotpatch.process.maps import Mapping, read_maps
 from hotpatch.process.memory import Memory
 from hotpatch.process.tracer import run_as_tracer
 
@@ -101,6 +101,26 @@ def start_sleepers(
     return p, workers, patch
 
 
+def stopped_views(pid: int, mem: Memory, maps: list[Mapping], tids: list[int]) -> dict[int, ThreadView]:
+    """The :class:`ThreadView` of each of ``tids``, each stopped alone (a tracer thread, LiveWorld)."""
+
+    def stop_and_look() -> dict[int, ThreadView]:
+        world = LiveWorld(pid, exit_detaches=True)
+        out = {}
+        try:
+            world.seize()
+            for tid in tids:
+                th = world.stop_one(tid)
+                assert th is not None
+                out[tid] = look(mem, maps, th, 8)
+                world.resume_one(tid)
+        finally:
+            world.detach_all()
+        return out
+
+    return run_as_tracer(stop_and_look)
+
+
 def compute(p: subprocess.Popen[bytes], x: int) -> int:
     """compute(x) in the target, called by its main thread."""
     assert p.stdin is not None
@@ -115,21 +135,7 @@ def test_look_asleep_sees_what_a_stop_shows(tmp_path: Path, procs: Procs) -> Non
         maps = read_maps(p.pid)
         asleep = {tid: look_asleep(mem, maps, p.pid, tid, 8) for tid in workers}
 
-        def stopped_views() -> dict[int, ThreadView]:
-            world = LiveWorld(p.pid, exit_detaches=True)
-            views = {}
-            try:
-                world.seize()
-                for tid in workers:
-                    th = world.stop_one(tid)
-                    assert th is not None
-                    views[tid] = look(mem, maps, th, 8)
-                    world.resume_one(tid)
-            finally:
-                world.detach_all()
-            return views
-
-        stopped = run_as_tracer(stopped_views)
+        stopped = stopped_views(p.pid, mem, maps, workers)
     for tid in workers:
         view = asleep[tid]
         assert view is not None, f"thread {tid}, asleep in read, was not seen asleep"

@@ -7,13 +7,13 @@ import time
 from pathlib import Path
 
 from conftest import TARGETS, Procs, assert_running, compile_program, wait_for_line
-from hotpatch.inuse import _from_sample, look, views
+from hotpatch.inuse import _from_sample, views
 from hotpatch.process.live import LiveWorld
 from hotpatch.process.maps import read_maps
 from hotpatch.process.memory import Memory
 from hotpatch.process.sampling import STACK_DUMP, Sample, Sampler
 from hotpatch.process.tracer import run_as_tracer
-from test_inuse import start_sleepers
+from test_inuse import start_sleepers, stopped_views
 
 
 def _samples(tids: list[int]) -> dict[int, Sample]:
@@ -45,22 +45,10 @@ def test_a_sample_shows_the_frames_a_stop_shows(tmp_path: Path, procs: Procs) ->
             samples.update((t, s) for t, s in _samples(wanted).items() if _from_sample(maps, s, 8) is not None)
         code = [(m.start, m.end) for m in maps if "x" in m.perms and m.path]
 
-        def stopped_stacks() -> dict[int, list[int]]:
-            world = LiveWorld(p.pid, exit_detaches=True)
-            out = {}
-            try:
-                world.seize()
-                for tid in workers:
-                    th = world.stop_one(tid)
-                    assert th is not None
-                    view = look(mem, maps, th, 8)
-                    out[tid] = [w for w in memoryview(view.stack).cast("Q") if any(a <= w < b for a, b in code)]
-                    world.resume_one(tid)
-            finally:
-                world.detach_all()
-            return out
-
-        returns = run_as_tracer(stopped_stacks)
+        returns = {
+            tid: [w for w in memoryview(view.stack).cast("Q") if any(a <= w < b for a, b in code)]
+            for tid, view in stopped_views(p.pid, mem, maps, workers).items()
+        }
     assert set(samples) == set(workers), f"threads {set(workers) - set(samples)}: 5 samples, each with a short stack"
     for tid in workers:
         s = samples[tid]
