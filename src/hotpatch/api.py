@@ -30,7 +30,7 @@ from .livecommit import LiveCommit, RollingTimeout, settle_programs, wait_settle
 from .loader import Layout, load
 from .modules import ModuleSet
 from .patch.bundle import PatchFile
-from .planner import PlacedSite, SitePlan, place, plan_sites
+from .planner import PlacedSite, SitePlan, SlotPlan, place, plan_sites, plan_slots
 from .process import remote
 from .process.maps import Mapping, gap_candidates, read_maps
 from .process.memory import Memory
@@ -38,7 +38,7 @@ from .process.remote import Injector, SyscallError
 from .state import PatchRecord, Record, SiteRecord
 from .transaction import CommitReport, SiteChange, Transaction
 from .x86.selfloop import SELF_LOOP
-from .x86.sites import PAD_LEN
+from .x86.sites import PAD_LEN, VTABLE_SLOT
 from .x86.trampoline import MAX_TRAMPOLINE
 
 LOCK_TIMEOUT_S = 10.0
@@ -83,7 +83,8 @@ class Status(NamedTuple):
 
 
 class Report:
-    """What an apply or revert did: patch ``name`` and ``version``, ``sites`` (symbol, address), ``pause_us`` (the
+    """What an apply or revert did: patch ``name`` and ``version``, ``sites`` (symbol, address) and vtable
+    ``slots`` (symbol, address of the word; :mod:`hotpatch.elf.vtables`), ``pause_us`` (the
     longest window in µs in which any target thread was stopped, over the commit and every injection), ``threads``
     stopped by the commit, threads ``moved`` out of overwritten bytes, regions ``retained`` (kept mapped: addr, bytes),
     for an upgrade the ``replaced_version``, the ``protocol`` the commit used (A, R or B; DESIGN.md §4), and
@@ -103,6 +104,7 @@ class Report:
         self.check_stop_us = pause_us
         self.check_stops = threads
         self.check_samples = 0
+        self.slots: list[tuple[str, int]] = []
 
 
 EM_386, EM_X86_64 = 3, 62  # ELF e_machine (System V gABI)
@@ -193,6 +195,8 @@ class Target:
         keys = [r[0] for r in record.retired if len(r) > 2 and not r[2].startswith(SELF_LOOP.hex())]
         for p in record.patches:
             for s in p.sites:
+                if s.klass == VTABLE_SLOT:
+                    continue  # data, no key
                 off = s.key_at - s.site
                 if SELF_LOOP not in (bytes.fromhex(s.original)[off : off + 2], bytes.fromhex(s.new)[off : off + 2]):
                     keys.append(s.key_at)  # (a function that is itself `jmp $` is not a running commit)
@@ -247,6 +251,7 @@ class Target:
             try:
                 module = modules.find(man.build_id, man.file)
                 plans = plan_sites(self.mem, module, man.functions, record, man.name, self.bitness)
+                slots = plan_slots(self.mem, module, man.functions, record, man.name, self.bitness)
                 layout = Layout.of(pf, MAX_TRAMPOLINE * len(plans))
                 sites = [p.prologue.site for p in plans]
                 top = remote.ARCHES[self.bitness].user_top
@@ -277,9 +282,13 @@ class Target:
                 regions=[[region, layout.size]],
                 sites=[_site_record(s) for s in placed],
             )
+            by_symbol = {s.plan.function.symbol: s for s in placed}
+            slot_records = [_slot_record(sp, by_symbol[sp.function.symbol], self.bitness) for sp in slots]
+            rec = rec._replace(sites=rec.sites + slot_records)
             statemod.write(self.mem, state_addr, Record([*record.patches, rec], record.retired))
             replaced = {s.site: s for s in old.sites} if old is not None else {}
             changes = [c for s in placed for c in _redirect(s, replaced.get(s.plan.address))]
+            changes += [_slot_change(sp, r) for sp, r in zip(slots, slot_records, strict=True)]
             pads = {s.plan.pad for s in placed}
             record = Record(record.patches, [r for r in record.retired if not (len(r) > 2 and r[0] in pads)])
             try:
@@ -486,11 +495,12 @@ class Target:
         rep = Report(
             rec.name,
             rec.version,
-            [(s.symbol, s.key_at) for s in rec.sites],
+            [(s.symbol, s.key_at) for s in rec.sites if s.klass != VTABLE_SLOT],
             max([commit.pause_us, *self._stops_us]),
             commit.threads,
             commit.moved,
         )
+        rep.slots = [(s.symbol, s.site) for s in rec.sites if s.klass == VTABLE_SLOT]
         rep.protocol = commit.protocol
         rep.check_stop_us = commit.check_stop_us
         rep.check_stops = commit.check_stops
@@ -552,7 +562,22 @@ def _restore(s: SiteRecord) -> SiteChange:
     keeps its ``E9`` for now (:func:`_padding_entry`)."""
     off, n = s.key_span
     new, orig = bytes.fromhex(s.new)[off : off + n], bytes.fromhex(s.original)[off : off + n]
-    return SiteChange(s.site + off, new, orig, s.symbol, 0, {}, s.key_at)
+    return SiteChange(s.site + off, new, orig, s.symbol, 0, {}, s.key_at, s.klass == VTABLE_SLOT)
+
+
+def _slot_record(sp: SlotPlan, s: PlacedSite, bitness: int) -> SiteRecord:
+    """What the state remembers of one redirected vtable slot: its word before (the entry's address) and
+    after (the replacement's), as hex of the target's little-endian words."""
+    new = (s.replacement % (1 << bitness)).to_bytes(bitness // 8, "little")
+    entry = int.from_bytes(sp.original, "little")
+    return SiteRecord(
+        sp.function.symbol, entry, sp.address, sp.original.hex(), new.hex(), s.replacement, 0, VTABLE_SLOT
+    )
+
+
+def _slot_change(sp: SlotPlan, r: SiteRecord) -> SiteChange:
+    """The change that points one vtable slot at the replacement: one aligned word, stored whole."""
+    return SiteChange(sp.address, sp.current, bytes.fromhex(r.new), f"vtable slot of {r.symbol}", word=True)
 
 
 def _padding_entry(s: SiteRecord) -> list[Any]:

@@ -96,18 +96,41 @@ def main() -> None:
     is_flag=True,
     help="Redirect every function with a 5-byte jump at its entry (protocols R, B), never a short jump.",
 )
+@click.option(
+    "--function",
+    "functions",
+    multiple=True,
+    help="A function the patch replaces, mangled or as g++ prints it ('DemoClass::say_hello(int, std::string_view)'; "
+    "without the parameters when it has no overload); repeat for several. Default: every function of TARGET the "
+    "SOURCES define.",
+)
 @guarded
 def build(
-    sources: tuple[str, ...], target: str, out: str, name: str | None, version: int, ordinary_sites: bool
+    sources: tuple[str, ...],
+    target: str,
+    out: str,
+    name: str | None,
+    version: int,
+    ordinary_sites: bool,
+    functions: tuple[str, ...],
 ) -> None:
     """Compile SOURCES into one patch file for TARGET."""
+    from .elf.cxxnames import pretty
     from .patch.build import build as do_build
 
-    res = do_build(list(sources), target, out, name=name, version=version, ordinary_sites=ordinary_sites)
+    wanted = list(functions) or None
+    res = do_build(
+        list(sources), target, out, name=name, version=version, ordinary_sites=ordinary_sites, functions=wanted
+    )
     m = res.manifest
+
+    def shown(f: Any) -> str:
+        n = len(f.slots)
+        return pretty(f.symbol) + (f" (and {n} vtable slot{'s' if n > 1 else ''})" if n else "")
+
     click.echo(
         f"built {out}: patch {m.name} version {m.version} for {m.file} (build-id {m.build_id[:12]}…), "
-        f"replaces {', '.join(f.symbol for f in m.functions)}"
+        f"replaces {', '.join(shown(f) for f in m.functions)}"
     )
 
 
@@ -137,15 +160,21 @@ def _pause(protocol: str, threads: int, pause_us: float) -> str:
 def apply(pid: int, patch: str, protocol: str) -> None:
     """Apply the patch file PATCH to process PID."""
     from .api import attach
+    from .elf.cxxnames import pretty
     from .patch.bundle import PatchFile
 
     pf = PatchFile(patch)
     with attach(pid) as target:
         rep = target.apply(pf, protocol)
     what = f"upgraded from version {rep.replaced_version}" if rep.replaced_version is not None else "applied"
+
+    def site(sym: str, addr: int) -> str:
+        n = sum(1 for s, _ in rep.slots if s == sym)
+        return f"{pretty(sym)} at {addr:#x}" + (f" and {n} vtable slot{'s' if n > 1 else ''}" if n else "")
+
     click.echo(
         f"{what}: patch {rep.name} version {rep.version} to PID {pid}: "
-        + ", ".join(f"{sym} at {addr:#x}" for sym, addr in rep.sites)
+        + ", ".join(site(sym, addr) for sym, addr in rep.sites)
         + f" ({_pause(rep.protocol, rep.threads, rep.pause_us)})"
     )
 
@@ -181,6 +210,7 @@ def revert(pid: int, name: str | None, all_: bool, protocol: str) -> None:
 def status(pid: int, as_json: bool) -> None:
     """Show the patches applied to process PID, read from the process itself."""
     from .api import attach
+    from .elf.cxxnames import pretty
 
     with attach(pid) as target:
         st = target.status()
@@ -192,7 +222,7 @@ def status(pid: int, as_json: bool) -> None:
     for p in st.patches:
         click.echo(f"{p.name} version {p.version}: {p.state}, applied {p.applied_at} to {p.module}")
         for s in p.sites:
-            click.echo(f"  {s.symbol} at {s.site:#x}  class={s.klass} protocol={s.protocol}")
+            click.echo(f"  {pretty(s.symbol)} at {s.site:#x}  class={s.klass} protocol={s.protocol}")
     for addr, size in st.retained:
         click.echo(f"kept mapped: {size} bytes at {addr:#x} (a thread may still run in a reverted patch)")
 

@@ -46,7 +46,7 @@ def settle_edit(mem: Memory, e: selfloop.Edit) -> str:
     done: ``"old"``, ``"new"`` (nothing to do), ``"finished"`` or ``"undone"``. A key without ``EB FE`` holds
     its old or new first word, and the bytes behind it match it (they are written only while it spins)."""
     cur = mem.read(e.address, len(e.new))
-    if cur == e.old:
+    if cur == e.old or (e.word and cur != e.new):  # (a word is stored whole: old or new, never between)
         return "old"
     if cur == e.new:
         return "new"

@@ -129,12 +129,15 @@ class LiveCommit:
         self.bitness, self.word = bitness, bitness // 8
         self.changes = list(changes)
         self._runner_tid = 0  # the thread borrowed to run the program (0: none yet)
-        self.edits = [selfloop.Edit(c.address, c.expected, c.new, c.key) for c in self.changes]
+        self.edits = [selfloop.Edit(c.address, c.expected, c.new, c.key, c.word) for c in self.changes]
         self.loops = any(selfloop.needs_loop(e) for e in self.edits)  # some key spins on EB FE meanwhile
         self._prot: dict[int, int] = {}  # page -> its protection before the program (PROT_* bits)
         self._area = 0  # the program's two pages, once mapped
         for c in self.changes:
-            if not selfloop.key_fits(c.key):
+            if c.word:
+                if c.address % self.word or len(c.new) != self.word:
+                    raise SiteError(f"{c.label}: {c.address:#x} is not an aligned {self.word}-byte word")
+            elif not selfloop.key_fits(c.key):
                 raise SiteError(f"{c.label}: the key at {c.key:#x} ends a cache line; no atomic 2-byte store")
 
     def run(self, watch: Sequence[tuple[int, int]] = ()) -> CommitReport:

@@ -115,7 +115,7 @@ def plan_sites(
     Raises MismatchError when a function's bytes (or, for a short-jump class, the padding before it) differ
     from the manifest, SiteError when a site is owned by another patch or cannot be patched safely.
     """
-    owned = {s.site: (p.name, s) for p in record.patches for s in p.sites}
+    owned = {s.site: (p.name, s) for p in record.patches for s in p.sites if s.klass != sites.VTABLE_SLOT}
     plans = []
     for f in functions:
         entry = module.bias + f.value
@@ -163,4 +163,45 @@ def place(plans: list[SitePlan], replacements: dict[str, int], tramp_area: int) 
     for i, plan in enumerate(plans):
         tramp = x86trampoline.build(plan.prologue, tramp_area + i * x86trampoline.MAX_TRAMPOLINE, plan.bitness)
         out.append(PlacedSite(plan, replacements[plan.function.symbol], tramp))
+    return out
+
+
+class SlotPlan(NamedTuple):
+    """One vtable word of ``function`` to redirect with it: its runtime ``address``, the ``current`` word there
+    (the entry's address, or an older version's replacement when upgrading) and the ``original`` one (the
+    function's entry address; little-endian words of the target's width)."""
+
+    function: Function
+    address: int
+    current: bytes
+    original: bytes
+
+
+def plan_slots(
+    mem: Memory, module: Module, functions: tuple[Function, ...], record: Record, name: str, bitness: int = 64
+) -> list[SlotPlan]:
+    """The vtable slots of the ``functions`` of patch ``name`` in ``module`` (:attr:`Function.slots`), each
+    checked to hold the function's entry address, or the replacement an older version of the same patch put
+    there. Raises SiteError for a slot another patch owns or that is not an aligned word, MismatchError for a
+    slot holding anything else (nothing is written)."""
+    word = bitness // 8
+    owned = {s.site: p.name for p in record.patches for s in p.sites if s.klass == sites.VTABLE_SLOT}
+    mine = {s.site: s for p in record.patches if p.name == name for s in p.sites if s.klass == sites.VTABLE_SLOT}
+    out = []
+    for f in functions:
+        original = ((module.bias + f.value) % (1 << bitness)).to_bytes(word, "little")
+        for slot in f.slots:
+            address = module.bias + slot
+            if address % word:
+                raise SiteError(f"{f.symbol}: its vtable slot at {address:#x} is not an aligned {word}-byte word")
+            if owned.get(address, name) != name:
+                raise SiteError(f"{f.symbol}: its vtable slot at {address:#x} is patched by patch '{owned[address]}'")
+            current = mem.read(address, word)
+            rec = mine.get(address)
+            if current != original and (rec is None or current.hex() != rec.new):
+                raise MismatchError(
+                    f"the vtable slot of {f.symbol} at {address:#x} in {module.path} holds {current[::-1].hex()}, "
+                    f"not the function's address {original[::-1].hex()} (changed by something else?)"
+                )
+            out.append(SlotPlan(f, address, current, original))
     return out

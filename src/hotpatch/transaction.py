@@ -38,7 +38,8 @@ class SiteChange(NamedTuple):
     ``span`` 0 mean no thread can be inside (the old bytes are a single instruction, or never executed).
     ``label`` names it in errors. ``key_address`` is the instruction threads enter the change through
     (default ``address``; after the padding for short-jump sites): protocols A and R (:mod:`hotpatch.livecommit`)
-    make it the last word written.
+    make it the last word written. ``word``: the change is one aligned data word (a vtable slot), written by
+    protocols A and R with one store (:class:`hotpatch.x86.selfloop.Edit`).
     """
 
     address: int
@@ -48,6 +49,7 @@ class SiteChange(NamedTuple):
     span: int = 0
     rip_map: MappingOf[int, int] = MappingProxyType({})
     key_address: int | None = None
+    word: bool = False
 
     @property
     def key(self) -> int:
@@ -67,7 +69,15 @@ class CommitReport:
     R, :mod:`hotpatch.process.sampling`)."""
 
     __slots__ = (
-        "busy", "check_samples", "check_stop_us", "check_stops", "moved", "pause_us", "protocol", "threads", "window_us"
+        "busy",
+        "check_samples",
+        "check_stop_us",
+        "check_stops",
+        "moved",
+        "pause_us",
+        "protocol",
+        "threads",
+        "window_us",
     )
 
     def __init__(self, protocol: str = "B") -> None:

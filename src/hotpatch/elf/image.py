@@ -414,6 +414,18 @@ class ElfImage:
                 out.setdefault(name, sym)
         return out
 
+    def defined_symbols(self, prefix: str = "") -> list[Symbol]:
+        """Every defined symbol of ``.dynsym`` and ``.symtab`` whose name starts with ``prefix``, once per
+        name (``.dynsym``'s first), in no particular order."""
+        out: dict[str, Symbol] = {}
+        for name, sym, _ in self.dynamic_symbols():
+            if sym is not None and name.startswith(prefix):
+                out.setdefault(name, sym)
+        for name, sym in self._symtab_index.items():
+            if name.startswith(prefix):
+                out.setdefault(name, sym)
+        return list(out.values())
+
     # -- relocations --------------------------------------------------------------------------------
     def dynamic_relocations(self) -> list[Rela]:
         """Every relocation of the allocated SHT_RELA and SHT_REL sections (``.rela.dyn``/``.rela.plt``;

@@ -21,7 +21,9 @@ from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
 
-from ..elf.image import ElfImage, open_elf
+from ..elf.cxxnames import find_symbol, pretty
+from ..elf.image import ElfImage, Symbol, open_elf
+from ..elf.vtables import vtable_slots
 from ..errors import BuildError, HotpatchError
 from ..x86 import prologue
 from ..x86.sites import ORDINARY, PROTOCOL_R, READY_CLASSES, Site
@@ -77,12 +79,19 @@ def build(
     version: int = 1,
     extra_flags: list[str] | None = None,
     ordinary_sites: bool = False,
+    functions: list[str] | None = None,
 ) -> BuildResult:
     """Compile ``sources`` into the patch file ``out`` for the module file ``target``.
 
     ``name`` defaults to ``out``'s file name without its suffix; ``version`` is an integer >= 0.
-    Raises BuildError for compiler failures, a target without build-id, or sources that replace nothing;
-    SiteError when a replaced function cannot be patched (too short, branch target in its first bytes).
+    ``functions``: the target functions the patch must replace, mangled or as g++ prints them
+    (``DemoClass::say_hello(int, std::string_view)``, :mod:`hotpatch.elf.cxxnames`); when given, the sources'
+    other definitions that share a target symbol are not replacements. A replaced virtual function's vtable
+    slots (:mod:`hotpatch.elf.vtables`) are recorded to be redirected with it.
+    Raises BuildError for compiler failures, a target without build-id, or sources that replace nothing or
+    not every function of ``functions``; SymbolError for a name of ``functions`` the target lacks or
+    that names several functions; SiteError when a replaced function cannot be patched (too short, branch
+    target in its first bytes).
     """
     if not sources:
         raise BuildError("no source file given")
@@ -110,14 +119,14 @@ def build(
                 raise BuildError(f"the compiler made a {binary.arch} object for the {tgt.machine} target {target}")
             if binary.has_constructors:
                 raise BuildError("the sources have static constructors, which hotpatch does not run")
-            functions = _replaced_functions(binary, tgt, target, ordinary_sites)
+            replaced = _replaced_functions(binary, tgt, target, ordinary_sites, functions)
             manifest = Manifest(
                 name=pname,
                 version=version,
                 arch=tgt.machine,
                 build_id=build_id,
                 file=Path(target).name,
-                functions=functions,
+                functions=replaced,
                 content_sha256=binary.content_sha256,
             )
             manifest.validate(out)
@@ -158,33 +167,58 @@ def _compile_and_link(sources: list[str], tmp: str, extra: list[str], arch_flags
     return so
 
 
+def _chosen(binary: PatchBinary, target_funcs: dict[str, Symbol], target: str, wanted: list[str] | None) -> list[str]:
+    """The target symbols the patch replaces: every function both define, or the ``wanted`` ones (mangled
+    or demangled names, :func:`hotpatch.elf.cxxnames.find_symbol`), each of which the sources must define.
+
+    By default a weak definition of the sources is not a replacement: g++ emits inline functions (a class's
+    implicit destructor, templates) as weak copies in every object using them, not as fixes; ``wanted``
+    may name one."""
+    defined = {s.name for s in binary.symbols.values() if s.kind == "func"}
+    if wanted is None:
+        strong = {s.name for s in binary.symbols.values() if s.kind == "func" and s.binding == "global"}
+        return sorted(strong & target_funcs.keys())
+    out = []
+    for name in wanted:
+        sym = find_symbol(name, target_funcs, target)
+        if sym not in defined:
+            raise BuildError(f"the sources do not define {name} ({sym}); a replacement must have the same symbol")
+        out.append(sym)
+    return sorted(set(out))
+
+
 def _replaced_functions(
-    binary: PatchBinary, tgt_image: ElfImage, target: str, ordinary_sites: bool = False
+    binary: PatchBinary,
+    tgt_image: ElfImage,
+    target: str,
+    ordinary_sites: bool = False,
+    wanted: list[str] | None = None,
 ) -> tuple[Function, ...]:
-    """The manifest entries of the target's functions the patch defines, each with its site class and
-    analysis decided here, with the whole target file at hand (:func:`hotpatch.scan.classify_symbol`);
-    ``ordinary_sites`` forces the 5-byte jump of an ordinary site everywhere."""
+    """The manifest entries of the target's functions the patch replaces (:func:`_chosen`), each with its
+    site class and analysis decided here, with the whole target file at hand
+    (:func:`hotpatch.scan.classify_symbol`), and its vtable slots; ``ordinary_sites`` forces the 5-byte jump
+    of an ordinary site everywhere."""
     from ..elf.ranges import function_ranges
     from ..scan import classify_symbol
 
     target_funcs = tgt_image.function_symbols()
     ranges = function_ranges(tgt_image)
+    chosen = _chosen(binary, target_funcs, target, wanted)
+    slots = vtable_slots(tgt_image, {target_funcs[n].value for n in chosen})
     out = []
-    for sym in sorted(binary.symbols.values(), key=lambda s: s.name):
-        if sym.kind != "func" or sym.name not in target_funcs:
-            continue
-        orig = target_funcs[sym.name]
+    for name in chosen:
+        sym, orig = binary.symbols[name], target_funcs[name]
         if orig.kind == "ifunc":
-            raise BuildError(f"{sym.name} is an IFUNC in {target}; patching IFUNCs is not supported yet")
+            raise BuildError(f"{pretty(name)} is an IFUNC in {target}; patching IFUNCs is not supported yet")
         if orig.size == 0:
-            raise BuildError(f"{sym.name} has no size in {target}'s symbol table; cannot check its bytes")
+            raise BuildError(f"{pretty(name)} has no size in {target}'s symbol table; cannot check its bytes")
         code = tgt_image.read_vaddr(orig.value, orig.size)
         try:
             if ordinary_sites:
-                pro = prologue.analyze(sym.name, orig.value, code, tgt_image.bitness)
+                pro = prologue.analyze(pretty(name), orig.value, code, tgt_image.bitness)
                 site = Site(ORDINARY, PROTOCOL_R, pro)
             else:
-                site = classify_symbol(tgt_image, ranges, sym.name, orig)
+                site = classify_symbol(tgt_image, ranges, pretty(name), orig)
         except HotpatchError as e:
             raise type(e)(f"cannot patch {target}: {e}") from None
         pro = site.prologue
@@ -192,7 +226,8 @@ def _replaced_functions(
         padding = site.padding.hex() if site.klass in READY_CLASSES else ""
         desc = (pro.site - pro.entry, pro.lengths, pro.position_dependent)
         digest = analysis_digest(sha, *desc, site.klass, padding)
-        out.append(Function(sym.name, orig.value, orig.size, sha, *desc, digest, site.klass, padding))
+        vt = tuple(slots.get(orig.value, ()))
+        out.append(Function(sym.name, orig.value, orig.size, sha, *desc, digest, site.klass, padding, vt))
     if not out:
         raise BuildError(f"the sources define no function of {target} (a replacement must have the same symbol)")
     return tuple(out)

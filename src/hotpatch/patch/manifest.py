@@ -24,7 +24,8 @@ class Function(NamedTuple):
     module, and ``sha256`` of those ``size`` bytes in the target file. The build-time site analysis
     (:func:`hotpatch.x86.prologue.analyze`) rides along: ``site_offset`` (0, or 4 after ``endbr64``), the
     ``lengths`` of the overwritten instructions, and whether they are ``position_dependent``; ``apply`` reuses
-    it once the hash proved the bytes are the same."""
+    it once the hash proved the bytes are the same. ``slots``: the link-time addresses of the vtable words that
+    hold the function's address (:func:`hotpatch.elf.vtables.vtable_slots`), redirected with it."""
 
     symbol: str
     value: int
@@ -36,6 +37,7 @@ class Function(NamedTuple):
     analysis: str = ""  # analysis_digest() of the above as build wrote it
     klass: str = "ordinary"  # the site class (hotpatch.x86.sites), decided with the whole target file at hand
     padding: str = ""  # hex of the 5 bytes before the entry in the target file (short-jump classes only)
+    slots: tuple[int, ...] = ()  # link-time addresses of the vtable words holding its address (elf.vtables)
 
     @property
     def analysis_trusted(self) -> bool:
@@ -97,7 +99,14 @@ class Manifest(NamedTuple):
             raise PatchFileError(f"{where}: unsupported manifest format {doc.get('format')!r}")
         try:
             funcs = tuple(
-                Function(**{**_fields(f, Function), "lengths": tuple(f.get("lengths", ()))}) for f in doc["functions"]
+                Function(
+                    **{
+                        **_fields(f, Function),
+                        "lengths": tuple(f.get("lengths", ())),
+                        "slots": tuple(f.get("slots", ())),
+                    }
+                )
+                for f in doc["functions"]
             )
             man = Manifest(**{**_fields(doc, Manifest), "functions": funcs})
         except (KeyError, TypeError) as e:
@@ -131,6 +140,7 @@ class Manifest(NamedTuple):
                 and isinstance(f.klass, str)
                 and isinstance(f.padding, str)
                 and re.fullmatch(r"([0-9a-f]{10})?", f.padding) is not None
+                and all(isinstance(a, int) and not isinstance(a, bool) and a > 0 for a in f.slots)
                 for f in self.functions
             )
         )

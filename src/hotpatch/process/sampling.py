@@ -65,8 +65,19 @@ def _attr() -> ctypes.Array[ctypes.c_char]:
     buf = ctypes.create_string_buffer(_ATTR_SIZE)
     sample_type = _SAMPLE_IP | _SAMPLE_TID | _SAMPLE_REGS_USER | _SAMPLE_STACK_USER
     flags = _ATTR_DISABLED | _ATTR_EXCLUDE_KERNEL | _ATTR_EXCLUDE_HV
-    struct.pack_into("<IIQQQQQI", buf, 0, _PERF_TYPE_SOFTWARE, _ATTR_SIZE, _PERF_COUNT_SW_TASK_CLOCK,
-                     PERIOD_NS, sample_type, 0, flags, 1)  # ... read_format, flags, wakeup_events
+    struct.pack_into(
+        "<IIQQQQQI",
+        buf,
+        0,
+        _PERF_TYPE_SOFTWARE,
+        _ATTR_SIZE,
+        _PERF_COUNT_SW_TASK_CLOCK,
+        PERIOD_NS,
+        sample_type,
+        0,
+        flags,
+        1,
+    )  # ... read_format, flags, wakeup_events
     struct.pack_into("<QI", buf, 80, (1 << _REG_SP) | (1 << _REG_IP), STACK_DUMP)
     return buf
 

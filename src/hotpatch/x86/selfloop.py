@@ -15,8 +15,9 @@ thread back where it was. It is the handler-free "self-loop" variant of the rese
    key now spins there; none can enter the bytes behind it;
 3. protocol R only: publish ``ARMED`` and wait for the tool's go (``COMMIT`` or ``ABORT``), at most
    ``wait_s`` seconds (then ``ABORT``: a dead tool never leaves the self-loops behind);
-4. COMMIT: store every other new byte (the tail of the key, the padding's ``E9 rel32``), sync, store each
-   key's new first word, sync. ABORT: store each self-loop's old first word, sync (nothing else was written);
+4. COMMIT: store every other new byte (the tail of the key, the padding's ``E9 rel32``) and every data word
+   (a vtable slot: one aligned store each), sync, store each key's new first word, sync. ABORT: store each
+   self-loop's old first word, sync (nothing else was written);
 5. put the page protections back, the signal mask back, publish the outcome, and reload every register of
    the interrupted thread and jump back to it (:func:`hotpatch.x86.stub.build`'s restore code).
 
@@ -59,12 +60,15 @@ _REG.update({f"r{i}": i for i in range(8, 16)})
 
 class Edit(NamedTuple):
     """One change: ``old`` bytes at ``address`` become ``new``; ``key`` (>= address, with at least two bytes
-    of the change from it) is where threads enter."""
+    of the change from it) is where threads enter. A ``word`` edit changes data, not code: ``new`` is one
+    aligned word (8 bytes, 4 in i386 code: a vtable slot) stored with one data-atomic store (Intel SDM
+    Vol. 3A §9.1.1), so a thread loading it sees the old or the new value; it has no key and no self-loop."""
 
     address: int
     old: bytes
     new: bytes
     key: int
+    word: bool = False
 
 
 def key_fits(key: int) -> bool:
@@ -77,6 +81,8 @@ def needs_loop(e: Edit) -> bool:
     written. A change of the first word alone (a short jump; the padding before it is never executed) is one
     store, so no self-loop: a thread standing between two 1-byte NOPs at ``key + 1`` must meet the short
     jump's harmless displacement (``F9`` stc, ``F5`` cmc, DESIGN.md §4), never ``FE``."""
+    if e.word:
+        return False
     k = e.key - e.address
     return e.old[k + 2 :] != e.new[k + 2 :]
 
@@ -148,6 +154,15 @@ class _Asm:
         self.mov("rax", addr)
         self.emit(bytes([0xC6, 0x00, value]))  # mov byte [rax], imm8
 
+    def store_word(self, addr: int, value: bytes) -> None:
+        """One aligned store of ``value`` (8 bytes in 64-bit code, 4 in 32-bit code) at ``addr``."""
+        self.mov("rax", addr)
+        if self.bitness == 32:
+            self.emit(b"\xc7\x00" + value)  # mov dword [eax], imm32
+            return
+        self.mov("rcx", int.from_bytes(value, "little"))  # (rcx: clobbered by every syscall anyway)
+        self.emit(b"\x48\x89\x08")  # mov [rax], rcx
+
     def store_reg32(self, addr: int, reg: str) -> None:
         """mov dword [addr], reg (its low 32 bits)."""
         self.mov("rax", addr)
@@ -184,6 +199,8 @@ def _sync(a: _Asm) -> None:
 def _first_words(a: _Asm, edits: Sequence[Edit], new: bool, outcome: int) -> None:
     """Store each key's new (or old) first word, sync, and go to the end with ``outcome``."""
     for e in edits:
+        if e.word:
+            continue
         k = e.key - e.address
         a.store16(e.key, (e.new if new else e.old)[k : k + 2])
     _sync(a)
@@ -230,12 +247,17 @@ def build(
 
     ``prot``: the protection (``PROT_*`` bits) to put back on each page of :func:`pages_of`; ``resume``: the
     registers the thread goes back to (syscall restart already applied, ``orig_rax`` = -1); ``wait_s``: None
-    for protocol A, else protocol R's longest wait for the tool's go in seconds. Raises ValueError for a key
-    whose 2-byte store would cross a cache line or with fewer than two bytes of its change after it.
+    for protocol A, else protocol R's longest wait for the tool's go in seconds. Word edits are stored after the
+    other bytes and before the keys' first words. Raises ValueError for a key whose 2-byte store would cross a
+    cache line or with fewer than two bytes of its change after it, or a word edit that is not one aligned
+    word.
     """
     for e in edits:
         k = e.key - e.address
-        if not key_fits(e.key) or not 0 <= k <= len(e.new) - 2:
+        if e.word:
+            if len(e.new) != bitness // 8 or e.address % len(e.new):
+                raise ValueError(f"no aligned {bitness // 8}-byte store possible at {e.address:#x}")
+        elif not key_fits(e.key) or not 0 <= k <= len(e.new) - 2:
             raise ValueError(f"no atomic 2-byte store possible at {e.key:#x}")
     data = area + PAGE
     a = _Asm(bitness)
@@ -262,10 +284,15 @@ def build(
         _wait_for_go(a, data, wait_s)
     a.label("commit")
     for e in edits:
+        if e.word:
+            continue
         k = e.key - e.address
         for i, (old, new) in enumerate(zip(e.old, e.new, strict=True)):
             if old != new and not k <= i < k + 2:
                 a.store8(e.address + i, new)
+    for e in edits:
+        if e.word:
+            a.store_word(e.address, e.new)
     _sync(a)
     _first_words(a, edits, new=True, outcome=DONE)
     a.label("abort")
