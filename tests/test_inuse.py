@@ -78,9 +78,7 @@ SLEEPERS = 4
 SLEEPERS_PATCH = "int compute(int x) { return 3 * x + 2; }\n"
 
 
-def start_sleepers(
-    tmp_path: Path, procs: Procs, spin: bool = False
-) -> tuple[subprocess.Popen[bytes], list[int], Path]:
+def start_sleepers(tmp_path: Path, procs: Procs, spin: bool = False) -> tuple[subprocess.Popen[bytes], list[int], Path]:
     """sleepers.c running with its 4 threads blocked in read(2) (or spinning, with ``spin``), their TIDs, and a
     patch for its compute."""
     exe = compile_program(TARGETS / "sleepers.c", tmp_path / "sleepers")

@@ -25,6 +25,9 @@ from contextlib import contextmanager, suppress
 from typing import Any, NamedTuple
 
 from . import state as statemod
+from .consistency import StackBusy, Watched, wait_clear
+from .consistency import timeout as consistency_timeout
+from .elf.cxxnames import pretty
 from .errors import HotpatchError, PatchFileError, SiteError, StateError, TargetError, UpToDateError
 from .livecommit import LiveCommit, RollingTimeout, settle_programs, wait_settled
 from .loader import Layout, load
@@ -222,14 +225,24 @@ class Target:
         return Status(self.pid, tuple(out), tuple((r[0], r[1]) for r in record.retired if len(r) == 2))
 
     # -- apply --------------------------------------------------------------------------------------
-    def apply(self, patch: PatchFile | str, protocol: str = "auto") -> Report:
+    def apply(
+        self, patch: PatchFile | str, protocol: str = "auto", consistency: str = "none", timeout_s: float = 30.0
+    ) -> Report:
         """Apply a patch (a :class:`PatchFile` or its path); a newer version replaces an older one of the
-        same name in one transaction. ``protocol``: a key of PROTOCOLS.
+        same name in one transaction. ``protocol``: a key of PROTOCOLS. ``consistency``: ``none``, or
+        ``stack``: wait up to ``timeout_s`` seconds until no thread has a replaced function (or, when
+        upgrading, the older version's code) on its stack, and switch then, with protocol B
+        (:mod:`hotpatch.consistency`); ConsistencyTimeout when it never happens (nothing written).
 
         Raises UpToDateError when the same or a newer version is applied; MismatchError for another build or
         changed bytes; SiteError, SymbolError, PatchFileError, TargetError as their names say. The target is
         unchanged whenever an error is raised.
         """
+        if consistency not in ("none", "stack"):
+            raise HotpatchError(f"unknown consistency model {consistency!r} (none or stack)")
+        if consistency == "stack" and protocol not in ("auto", "stop-the-world"):
+            raise HotpatchError("--consistency stack switches with every thread stopped: use --protocol auto")
+        deadline = time.monotonic() + timeout_s
         pf = patch if isinstance(patch, PatchFile) else PatchFile(patch)
         man = pf.manifest
         if pf.bitness != self.bitness:
@@ -252,6 +265,9 @@ class Target:
                 module = modules.find(man.build_id, man.file)
                 plans = plan_sites(self.mem, module, man.functions, record, man.name, self.bitness)
                 slots = plan_slots(self.mem, module, man.functions, record, man.name, self.bitness)
+                clear = _watched(plans, old) if consistency == "stack" else []
+                if clear:  # before anything is mapped: a timeout here leaves the target as it was
+                    wait_clear(self.pid, self.mem, clear, deadline, self.bitness // 8)
                 layout = Layout.of(pf, MAX_TRAMPOLINE * len(plans))
                 sites = [p.prologue.site for p in plans]
                 top = remote.ARCHES[self.bitness].user_top
@@ -292,7 +308,7 @@ class Target:
             pads = {s.plan.pad for s in placed}
             record = Record(record.patches, [r for r in record.retired if not (len(r) > 2 and r[0] in pads)])
             try:
-                commit = self._commit(changes, record.retired, protocol)
+                commit = self._commit(changes, record.retired, protocol, clear, deadline)
             except BaseException:
                 self._undo_load(state_addr, record, region, layout.size)
                 raise
@@ -382,13 +398,24 @@ class Target:
             self._stub_area = remote.find_stub_area(self.pid, self._maps(), self.mem)
         return self._stub_area
 
-    def _commit(self, changes: list[SiteChange], retired: list[list[Any]], protocol: str) -> CommitReport:
+    def _commit(
+        self,
+        changes: list[SiteChange],
+        retired: list[list[Any]],
+        protocol: str,
+        clear: list[Watched] | None = None,
+        deadline: float = 0.0,
+    ) -> CommitReport:
         """Write ``changes`` all-or-nothing with the requested protocol (PROTOCOLS); the ``retired`` entries
-        are checked for threads still using them on the way. Raises SiteError when protocol A is forced on a
-        site that needs R or B; MismatchError, TargetError as the commits do."""
+        are checked for threads still using them on the way. With ``clear`` (``--consistency stack``), under
+        protocol B once no thread has one of those functions on its stack, retried until ``deadline``
+        (time.monotonic()). Raises SiteError when protocol A is forced on a site that needs R or B;
+        ConsistencyTimeout; MismatchError, TargetError as the commits do."""
         proto = PROTOCOLS.get(protocol)
         if proto is None:
             raise HotpatchError(f"unknown protocol {protocol!r} (one of: {', '.join(PROTOCOLS)})")
+        if clear:
+            return self._commit_clear(changes, retired, clear, deadline)
         needs_check = [c for c in changes if c.span]
         if proto == "A" and needs_check:
             raise SiteError(
@@ -410,6 +437,22 @@ class Target:
         for c in changes:
             txn.add(c)
         return txn.commit(watch=watch)
+
+    def _commit_clear(
+        self, changes: list[SiteChange], retired: list[list[Any]], clear: list[Watched], deadline: float
+    ) -> CommitReport:
+        """Protocol B with every stopped thread's stack checked against ``clear`` before the first write; a
+        thread found inside releases the world untouched, and the wait (no thread stopped) goes on."""
+        txn = Transaction(self.pid, self.mem, self.bitness)
+        for c in changes:
+            txn.add(c)
+        while True:
+            try:
+                return txn.commit(watch=[(r[0], r[1]) for r in retired], clear=clear)
+            except StackBusy as e:
+                if time.monotonic() > deadline:
+                    raise consistency_timeout(e) from None
+            wait_clear(self.pid, self.mem, clear, deadline, self.bitness // 8)
 
     def _unmap(self, regions: list[tuple[int, int]]) -> None:
         """Unmap regions nothing runs in (best effort: the target may be gone)."""
@@ -506,6 +549,15 @@ class Target:
         rep.check_stops = commit.check_stops
         rep.check_samples = commit.check_samples
         return rep
+
+
+def _watched(plans: list[SitePlan], old: PatchRecord | None) -> list[Watched]:
+    """The code ``--consistency stack`` waits for no thread to have on its stack: each replaced function
+    (entry, entry + size), and the regions of the older version an upgrade replaces."""
+    out = [Watched(p.prologue.entry, p.prologue.entry + p.function.size, pretty(p.function.symbol)) for p in plans]
+    if old is not None:
+        out += [Watched(r[0], r[0] + r[1], f"code of patch {old.name} version {old.version}") for r in old.regions]
+    return out
 
 
 def _site_record(s: PlacedSite) -> SiteRecord:

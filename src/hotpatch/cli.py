@@ -156,8 +156,24 @@ def _pause(protocol: str, threads: int, pause_us: float) -> str:
 @click.option("--pid", required=True, type=int, help="Target process.")
 @click.argument("patch", type=click.Path(dir_okay=False))
 @_PROTOCOL_OPTION
+@click.option(
+    "--consistency",
+    type=click.Choice(["none", "stack"]),
+    default="none",
+    show_default=True,
+    help="stack: switch only when no thread has a replaced function on its stack (the kernel livepatch model, per "
+    "function), waiting up to --timeout; the switch then stops every thread for the check and the writes.",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds --consistency stack waits before giving up (nothing written).",
+)
 @guarded
-def apply(pid: int, patch: str, protocol: str) -> None:
+def apply(pid: int, patch: str, protocol: str, consistency: str, timeout_s: float) -> None:
     """Apply the patch file PATCH to process PID."""
     from .api import attach
     from .elf.cxxnames import pretty
@@ -165,7 +181,7 @@ def apply(pid: int, patch: str, protocol: str) -> None:
 
     pf = PatchFile(patch)
     with attach(pid) as target:
-        rep = target.apply(pf, protocol)
+        rep = target.apply(pf, protocol, consistency, timeout_s)
     what = f"upgraded from version {rep.replaced_version}" if rep.replaced_version is not None else "applied"
 
     def site(sym: str, addr: int) -> str:

@@ -20,11 +20,12 @@ from contextlib import suppress
 from types import MappingProxyType
 from typing import NamedTuple
 
+from .consistency import StackBusy, Watched, busy
 from .errors import HotpatchError, MismatchError, SiteError
-from .inuse import watch_pass
+from .inuse import look, watch_pass
 from .process import ptrace
 from .process.live import LiveWorld
-from .process.maps import read_maps
+from .process.maps import Mapping, read_maps
 from .process.memory import Memory
 from .process.threads import Thread, World
 from .process.tracer import run_as_tracer
@@ -126,19 +127,22 @@ class Transaction:
                 raise SiteError(f"{change.label} overlaps {c.label}")
         self.changes.append(change)
 
-    def commit(self, watch: Sequence[tuple[int, int]] = ()) -> CommitReport:
+    def commit(self, watch: Sequence[tuple[int, int]] = (), clear: Sequence[Watched] = ()) -> CommitReport:
         """Apply every queued change under protocol B. Raises MismatchError when a site's bytes differ from
-        the expected ones (nothing written), TargetError when the target cannot be stopped or exits.
+        the expected ones (nothing written), TargetError when the target cannot be stopped or exits, StackBusy
+        when a stopped thread has a function of ``clear`` on its stack (``--consistency stack``,
+        :mod:`hotpatch.consistency`; nothing written, every thread released where it was).
 
         The stop runs on a tracer thread (:mod:`hotpatch.process.tracer`): the threads resume when it exits, in
         one pass of the kernel; ``pause_us`` ends when its work ends, before that exit. The watch, on another
         tracer thread, follows."""
-        report = run_as_tracer(self._commit_stopped)
+        maps = read_maps(self.pid) if clear else []
+        report = run_as_tracer(lambda: self._commit_stopped(clear, maps))
         if watch:
             report.busy = run_as_tracer(lambda: self._watch(watch))
         return report
 
-    def _commit_stopped(self) -> CommitReport:
+    def _commit_stopped(self, clear: Sequence[Watched] = (), maps: list[Mapping] | None = None) -> CommitReport:
         report = CommitReport()
         world = World(self.pid, exit_detaches=True)
         try:  # (Ctrl-C and the other termination signals are held by run_as_tracer)
@@ -146,6 +150,10 @@ class Transaction:
             world.stop()
             report.threads = report.check_stops = len(world.threads)
             self._check_bytes()
+            for th in world.stopped_threads() if clear else ():
+                hit = busy(look(self.mem, maps or [], th, self.word), clear)
+                if hit is not None:
+                    raise StackBusy(th.tid, hit.name)
             moves = self._plan_moves(world)
             # Move threads out of the overwritten bytes before writing them, and set their registers at
             # once: the trampoline runs the same instructions, so a moved thread is right whether or not the
