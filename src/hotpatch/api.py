@@ -29,10 +29,12 @@ from .consistency import StackBusy, Watched, wait_clear
 from .consistency import timeout as consistency_timeout
 from .elf.cxxnames import pretty
 from .errors import HotpatchError, PatchFileError, SiteError, StateError, TargetError, UpToDateError
+from .ifunc import implementation as ifunc_implementation
 from .livecommit import LiveCommit, RollingTimeout, settle_programs, wait_settled
 from .loader import Layout, load
 from .modules import ModuleSet
 from .patch.bundle import PatchFile
+from .patch.manifest import Function
 from .planner import PlacedSite, SitePlan, SlotPlan, place, plan_sites, plan_slots
 from .process import remote
 from .process.maps import Mapping, gap_candidates, read_maps
@@ -51,13 +53,15 @@ PROTOCOLS = {"auto": "auto", "no-stop": "A", "rolling": "R", "stop-the-world": "
 
 
 class SiteStatus(NamedTuple):
-    """A site as ``status`` reports it: symbol, entry and site addresses, class, protocol."""
+    """A site as ``status`` reports it: symbol, entry and site addresses, class, protocol, and for an IFUNC the
+    implementation redirected."""
 
     symbol: str
     entry: int
     site: int
     klass: str
     protocol: str
+    implementation: str = ""
 
 
 class PatchStatus(NamedTuple):
@@ -87,7 +91,8 @@ class Status(NamedTuple):
 
 class Report:
     """What an apply or revert did: patch ``name`` and ``version``, ``sites`` (symbol, address) and vtable
-    ``slots`` (symbol, address of the word; :mod:`hotpatch.elf.vtables`), ``pause_us`` (the
+    ``slots`` (symbol, address of the word; :mod:`hotpatch.elf.vtables`), the ``implementations`` redirected for
+    IFUNC symbols (symbol -> implementation name, :mod:`hotpatch.ifunc`), ``pause_us`` (the
     longest window in µs in which any target thread was stopped, over the commit and every injection), ``threads``
     stopped by the commit, threads ``moved`` out of overwritten bytes, regions ``retained`` (kept mapped: addr, bytes),
     for an upgrade the ``replaced_version``, the ``protocol`` the commit used (A, R or B; DESIGN.md §4), and
@@ -108,6 +113,7 @@ class Report:
         self.check_stops = threads
         self.check_samples = 0
         self.slots: list[tuple[str, int]] = []
+        self.implementations: dict[str, str] = {}
 
 
 EM_386, EM_X86_64 = 3, 62  # ELF e_machine (System V gABI)
@@ -219,7 +225,7 @@ class Target:
                     p.module,
                     p.applied_at,
                     statemod.site_status(self.mem, p),
-                    tuple(SiteStatus(s.symbol, s.entry, s.site, s.klass, s.protocol) for s in p.sites),
+                    tuple(_site_status(s) for s in p.sites),
                 )
             )
         return Status(self.pid, tuple(out), tuple((r[0], r[1]) for r in record.retired if len(r) == 2))
@@ -261,9 +267,17 @@ class Target:
                     f"version {man.version} is already up to date"
                 )
             modules = ModuleSet(self.pid, maps)
+
+            def read_word(addr: int) -> int:
+                return int.from_bytes(self.mem.read(addr, self.bitness // 8), "little")
+
             try:
                 module = modules.find(man.build_id, man.file)
-                plans = plan_sites(self.mem, module, man.functions, record, man.name, self.bitness)
+
+                def resolve_ifunc(f: Function) -> tuple[Function, str]:
+                    return ifunc_implementation(modules, module, f, read_word)
+
+                plans = plan_sites(self.mem, module, man.functions, record, man.name, self.bitness, resolve_ifunc)
                 slots = plan_slots(self.mem, module, man.functions, record, man.name, self.bitness)
                 clear = _watched(plans, old) if consistency == "stack" else []
                 if clear:  # before anything is mapped: a timeout here leaves the target as it was
@@ -274,9 +288,6 @@ class Target:
                 candidates = gap_candidates(maps, [*sites, module.start, module.end], layout.size, top=top)
                 if not candidates:
                     raise TargetError(f"no free address range within ±2 GiB of {module.path} in PID {self.pid}")
-
-                def read_word(addr: int) -> int:
-                    return int.from_bytes(self.mem.read(addr, self.bitness // 8), "little")
 
                 resolved: dict[str, int] = {}
 
@@ -544,11 +555,16 @@ class Target:
             commit.moved,
         )
         rep.slots = [(s.symbol, s.site) for s in rec.sites if s.klass == VTABLE_SLOT]
+        rep.implementations = {s.symbol: s.implementation for s in rec.sites if s.implementation}
         rep.protocol = commit.protocol
         rep.check_stop_us = commit.check_stop_us
         rep.check_stops = commit.check_stops
         rep.check_samples = commit.check_samples
         return rep
+
+
+def _site_status(s: SiteRecord) -> SiteStatus:
+    return SiteStatus(s.symbol, s.entry, s.site, s.klass, s.protocol, s.implementation)
 
 
 def _watched(plans: list[SitePlan], old: PatchRecord | None) -> list[Watched]:
@@ -574,6 +590,7 @@ def _site_record(s: PlacedSite) -> SiteRecord:
         klass=s.plan.klass,
         protocol="A" if short else "R",
         key=s.plan.prologue.site if short else 0,
+        implementation=s.plan.implementation,
     )
 
 

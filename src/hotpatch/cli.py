@@ -186,7 +186,8 @@ def apply(pid: int, patch: str, protocol: str, consistency: str, timeout_s: floa
 
     def site(sym: str, addr: int) -> str:
         n = sum(1 for s, _ in rep.slots if s == sym)
-        return f"{pretty(sym)} at {addr:#x}" + (f" and {n} vtable slot{'s' if n > 1 else ''}" if n else "")
+        impl = f" (IFUNC: this process uses {rep.implementations[sym]})" if sym in rep.implementations else ""
+        return f"{pretty(sym)}{impl} at {addr:#x}" + (f" and {n} vtable slot{'s' if n > 1 else ''}" if n else "")
 
     click.echo(
         f"{what}: patch {rep.name} version {rep.version} to PID {pid}: "
@@ -238,7 +239,8 @@ def status(pid: int, as_json: bool) -> None:
     for p in st.patches:
         click.echo(f"{p.name} version {p.version}: {p.state}, applied {p.applied_at} to {p.module}")
         for s in p.sites:
-            click.echo(f"  {pretty(s.symbol)} at {s.site:#x}  class={s.klass} protocol={s.protocol}")
+            impl = f" (IFUNC: {s.implementation})" if s.implementation else ""
+            click.echo(f"  {pretty(s.symbol)}{impl} at {s.site:#x}  class={s.klass} protocol={s.protocol}")
     for addr, size in st.retained:
         click.echo(f"kept mapped: {size} bytes at {addr:#x} (a thread may still run in a reverted patch)")
 

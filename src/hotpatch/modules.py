@@ -5,9 +5,11 @@ was deleted or replaced on disk, ``/proc/PID/map_files/<range>`` (proc(5)). Its 
 of its first file page (System V gABI, "Program Loading").
 
 Symbol resolution order for a patch's undefined symbols (issue 2): the target module's ``.dynsym``, its
-``.symtab``, then the executable, then every other module in address order (as ld.so's global scope puts the
-executable first: a copy-relocated ``stdout`` lives there). A symbol the target module exports is looked up in
-the executable first, as ld.so binds the module's own references to it there (copy relocation, interposition).
+``.symtab``, its separate debug file's ``.symtab`` (static functions and variables of a stripped module,
+:mod:`hotpatch.elf.debugfile`), then the executable, then every other module in address order (as ld.so's
+global scope puts the executable first: a copy-relocated ``stdout`` lives there). A symbol the target module
+exports is looked up in the executable first, as ld.so binds the module's own references to it there (copy
+relocation, interposition).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from .elf.image import ElfImage, open_elf
+from .elf.debugfile import open_debug_file
+from .elf.image import ElfImage, Symbol, open_elf
 from .errors import HotpatchError, MismatchError, SymbolError
 from .process.maps import Mapping, mapped_file
 
@@ -25,12 +28,13 @@ class Module:
     ``start``/``end`` spanning its mappings, ``first`` its mapping of the lowest file offset, and ``file``, a
     path hotpatch can open."""
 
-    __slots__ = ("_bias", "_image", "end", "file", "first", "path", "start")
+    __slots__ = ("_bias", "_debug", "_image", "end", "file", "first", "path", "start")
 
     def __init__(self, path: str, file: str, start: int, end: int, first: Mapping) -> None:
         self.path, self.file, self.start, self.end, self.first = path, file, start, end, first
         self._image: ElfImage | None = None
         self._bias: int | None = None
+        self._debug: ElfImage | bool | None = False  # False: not looked for yet
 
     @property
     def image(self) -> ElfImage:
@@ -46,11 +50,50 @@ class Module:
             self._bias = self.image.load_bias(self.first.offset, self.first.start)
         return self._bias
 
+    @property
+    def debug_image(self) -> ElfImage | None:
+        """The module's separate debug file (:mod:`hotpatch.elf.debugfile`), or None when there is none."""
+        if self._debug is False:
+            build_id = self.image.build_id
+            self._debug = open_debug_file(build_id) if build_id else None
+        return self._debug if isinstance(self._debug, ElfImage) else None
+
+    def static_symbol(self, name: str) -> Symbol | None:
+        """``name`` from the module's own symbol tables, else from its debug file's ``.symtab``. Raises
+        SymbolError when only ``static`` definitions at several addresses have that name (which one the patch
+        means cannot be known)."""
+        for img in (self.image, self.debug_image):
+            if img is None:
+                continue
+            sym = img.symbol(name) if img is self.image else img.symtab_symbol(name)
+            if sym is None:
+                continue
+            if sym.binding == "local" and name in img.ambiguous_locals():
+                raise SymbolError(
+                    f"{name} names several static symbols of {self.path} (one per source file); the patch cannot "
+                    "say which"
+                )
+            return sym
+        return None
+
+    def function_at(self, value: int) -> Symbol | None:
+        """The function symbol (module or debug file) whose link-time address is ``value``, preferring a global
+        one; None when neither names it."""
+        found = []
+        for img in (self.image, self.debug_image):
+            if img is not None:
+                found += [s for s in img.function_symbols().values() if s.value == value and s.kind == "func"]
+        found.sort(key=lambda s: (s.binding != "global", s.name.startswith("_"), s.name))
+        return found[0] if found else None
+
     def close(self) -> None:
-        """Close the module's file if it was opened."""
+        """Close the module's file (and its debug file) if they were opened."""
         if self._image is not None:
             self._image.close()
             self._image = None
+        if isinstance(self._debug, ElfImage):
+            self._debug.close()
+        self._debug = False
 
 
 class ModuleSet:
@@ -103,9 +146,9 @@ class ModuleSet:
         raise MismatchError(f"PID {self.pid} has no module with build-id {build_id} ({file_name} is not loaded)")
 
     def resolve(self, name: str, first: Module, read_word: Callable[[int], int]) -> int:
-        """Runtime address of symbol ``name``: ``first``'s .dynsym and .symtab, then the executable, then
-        the others. An IFUNC resolves to the implementation the target already bound (see
-        :meth:`_bound_ifunc`). ``read_word`` reads 8 bytes of target memory.
+        """Runtime address of symbol ``name``: ``first``'s .dynsym, .symtab and debug file, then the executable,
+        then the others. An IFUNC resolves to the implementation the target already bound (see
+        :meth:`bound_ifunc`). ``read_word`` reads 8 bytes of target memory.
 
         Raises SymbolError when no module defines it.
         """
@@ -117,13 +160,15 @@ class ModuleSet:
             order.insert(0, self.exe)
         for mod in order:
             try:
-                sym = mod.image.symbol(name) if mod is first else mod.image.dynamic_symbol(name)
+                sym = mod.static_symbol(name) if mod is first else mod.image.dynamic_symbol(name)
+            except SymbolError:
+                raise  # an ambiguous static name
             except HotpatchError:
                 continue
             if sym is None or sym.kind == "tls":
                 continue
             if sym.kind == "ifunc":
-                return self._bound_ifunc(name, mod, read_word)
+                return self.bound_ifunc(name, mod, read_word)
             return mod.bias + sym.value
         raise SymbolError(
             f"symbol {name} is not defined in PID {self.pid} (looked in {first.path} and "
@@ -137,7 +182,7 @@ class ModuleSet:
         except HotpatchError:
             return False
 
-    def _bound_ifunc(self, name: str, definer: Module, read_word: Callable[[int], int]) -> int:
+    def bound_ifunc(self, name: str, definer: Module, read_word: Callable[[int], int]) -> int:
         """The implementation of IFUNC ``name`` that ld.so chose in this target: the value of a GOT slot
         of some module importing ``name`` that already points into ``definer`` (ld.so runs the resolver once
         per process; calling it ourselves would run code in the target). Raises SymbolError when no module

@@ -12,6 +12,7 @@ ordinary site.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from .errors import MismatchError, SiteError
@@ -40,6 +41,7 @@ class SitePlan(NamedTuple):
     padding: bytes = b""
     lead: bytes = b""
     bitness: int = 64
+    implementation: str = ""  # for an IFUNC, the name of the implementation the target bound (hotpatch.ifunc)
 
     @property
     def address(self) -> int:
@@ -108,9 +110,17 @@ def _original_code(
 
 
 def plan_sites(
-    mem: Memory, module: Module, functions: tuple[Function, ...], record: Record, name: str, bitness: int = 64
+    mem: Memory,
+    module: Module,
+    functions: tuple[Function, ...],
+    record: Record,
+    name: str,
+    bitness: int = 64,
+    resolve_ifunc: Callable[[Function], tuple[Function, str]] | None = None,
 ) -> list[SitePlan]:
     """Check and analyse every function of a patch called ``name`` in ``module`` of a ``bitness``-bit target.
+    An IFUNC's resolver (class ``ifunc``) is checked, then replaced by the implementation the target bound,
+    given by ``resolve_ifunc`` (:func:`hotpatch.ifunc.implementation`).
 
     Raises MismatchError when a function's bytes (or, for a short-jump class, the padding before it) differ
     from the manifest, SiteError when a site is owned by another patch or cannot be patched safely.
@@ -118,6 +128,15 @@ def plan_sites(
     owned = {s.site: (p.name, s) for p in record.patches for s in p.sites if s.klass != sites.VTABLE_SLOT}
     plans = []
     for f in functions:
+        implementation = ""
+        if f.klass == sites.IFUNC:
+            resolver = mem.read(module.bias + f.value, f.size)
+            if hashlib.sha256(resolver).hexdigest() != f.sha256 or resolve_ifunc is None:
+                raise MismatchError(
+                    f"the resolver of IFUNC {f.symbol} in {module.path} differs from the one the patch was built "
+                    "against"
+                )
+            f, implementation = resolve_ifunc(f)
         entry = module.bias + f.value
         code, padding, mine = _original_code(mem, entry, f.size, owned, record.retired, name, f.symbol)
         if hashlib.sha256(code).hexdigest() != f.sha256:
@@ -150,7 +169,7 @@ def plan_sites(
             current = mem.read(plan.address, len(current))
         elif plan.pad is not None:  # a retired padding's E9 is still there: it is replaced as one instruction
             current = mem.read(plan.pad, sites.PAD_LEN) + current[sites.PAD_LEN :]
-        plans.append(plan._replace(current=current))
+        plans.append(plan._replace(current=current, implementation=implementation))
     return plans
 
 

@@ -51,6 +51,7 @@ class SiteRecord(NamedTuple):
     klass: str = "ordinary"
     protocol: str = "B"
     key: int = 0
+    implementation: str = ""  # an IFUNC's: the implementation redirected (hotpatch.ifunc)
 
     @property
     def key_at(self) -> int:

@@ -382,17 +382,32 @@ class ElfImage:
 
     @cached_property
     def _symtab_index(self) -> dict[str, Symbol]:
+        return self._symtab_scan[0]
+
+    @cached_property
+    def _symtab_scan(self) -> tuple[dict[str, Symbol], frozenset[str]]:
+        """``.symtab`` by name (a global definition over local ones), and the names only local symbols define,
+        at two or more addresses (``static`` objects of the same name in several translation units)."""
         table = self._table(SHT_SYMTAB)
         out: dict[str, Symbol] = {}
+        locals_at: dict[str, set[int]] = {}
         if table is None:
-            return out
+            return out, frozenset()
         for i in range(1, self._symbol_count(table[0])):
             name, sym = self._symbol_at(table, i)
             if sym is None or not name:
                 continue
+            if sym.binding == "local":
+                locals_at.setdefault(name, set()).add(sym.value)
             if name not in out or out[name].binding == "local":
                 out[name] = sym
-        return out
+        ambiguous = frozenset(n for n, at in locals_at.items() if len(at) > 1 and out[n].binding == "local")
+        return out, ambiguous
+
+    def ambiguous_locals(self) -> frozenset[str]:
+        """Names that only ``static`` (local) symbols of ``.symtab`` define, at more than one address: a patch
+        naming one cannot be bound without guessing."""
+        return self._symtab_scan[1]
 
     @property
     def has_symtab(self) -> bool:
@@ -402,6 +417,11 @@ class ElfImage:
     def symbol(self, name: str) -> Symbol | None:
         """``name`` from ``.dynsym`` first, then ``.symtab``; None when neither defines it."""
         return self.dynamic_symbol(name) or self._symtab_index.get(name)
+
+    def symtab_symbol(self, name: str) -> Symbol | None:
+        """``name`` from ``.symtab`` alone (a separate debug file's ``.dynsym`` is SHT_NOBITS); None when it
+        does not define it."""
+        return self._symtab_index.get(name)
 
     def function_symbols(self) -> dict[str, Symbol]:
         """Every defined function (and IFUNC) symbol of ``.dynsym`` and ``.symtab`` by name."""

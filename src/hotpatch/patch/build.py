@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..elf.cxxnames import find_symbol, pretty
+from ..elf.debugfile import open_debug_file
 from ..elf.image import ElfImage, Symbol, open_elf
 from ..elf.vtables import vtable_slots
 from ..errors import BuildError, HotpatchError
-from ..x86 import prologue
-from ..x86.sites import ORDINARY, PROTOCOL_R, READY_CLASSES, Site
+from ..x86.sites import IFUNC
 from .bundle import PatchBinary
-from .manifest import SECTION, Function, Manifest, analysis_digest
+from .describe import describe
+from .manifest import SECTION, Function, Manifest
 
 CXX_SUFFIXES = {".cc", ".cpp", ".cxx", ".C", ".c++"}
 COMPILE_FLAGS = ["-fPIC", "-O2", "-fno-plt", "-fvisibility=default", "-Wall"]
@@ -199,35 +200,33 @@ def _replaced_functions(
     (:func:`hotpatch.scan.classify_symbol`), and its vtable slots; ``ordinary_sites`` forces the 5-byte jump
     of an ordinary site everywhere."""
     from ..elf.ranges import function_ranges
-    from ..scan import classify_symbol
 
     target_funcs = tgt_image.function_symbols()
+    build_id = tgt_image.build_id
+    debug = open_debug_file(build_id) if build_id else None
+    if debug is not None:  # a stripped target's functions are named by its separate debug file
+        try:
+            for n, sym in debug.function_symbols().items():
+                target_funcs.setdefault(n, sym)
+        finally:
+            debug.close()
     ranges = function_ranges(tgt_image)
     chosen = _chosen(binary, target_funcs, target, wanted)
     slots = vtable_slots(tgt_image, {target_funcs[n].value for n in chosen})
     out = []
     for name in chosen:
-        sym, orig = binary.symbols[name], target_funcs[name]
-        if orig.kind == "ifunc":
-            raise BuildError(f"{pretty(name)} is an IFUNC in {target}; patching IFUNCs is not supported yet")
+        orig = target_funcs[name]
         if orig.size == 0:
             raise BuildError(f"{pretty(name)} has no size in {target}'s symbol table; cannot check its bytes")
-        code = tgt_image.read_vaddr(orig.value, orig.size)
+        if orig.kind == "ifunc":  # its resolver: the implementation is the one each target resolved (apply)
+            sha = hashlib.sha256(tgt_image.read_vaddr(orig.value, orig.size)).hexdigest()
+            out.append(Function(name, orig.value, orig.size, sha, klass=IFUNC))
+            continue
         try:
-            if ordinary_sites:
-                pro = prologue.analyze(pretty(name), orig.value, code, tgt_image.bitness)
-                site = Site(ORDINARY, PROTOCOL_R, pro)
-            else:
-                site = classify_symbol(tgt_image, ranges, pretty(name), orig)
+            vt = tuple(slots.get(orig.value, ()))
+            out.append(describe(tgt_image, ranges, name, orig, pretty(name), ordinary_sites, vt))
         except HotpatchError as e:
             raise type(e)(f"cannot patch {target}: {e}") from None
-        pro = site.prologue
-        sha = hashlib.sha256(code).hexdigest()
-        padding = site.padding.hex() if site.klass in READY_CLASSES else ""
-        desc = (pro.site - pro.entry, pro.lengths, pro.position_dependent)
-        digest = analysis_digest(sha, *desc, site.klass, padding)
-        vt = tuple(slots.get(orig.value, ()))
-        out.append(Function(sym.name, orig.value, orig.size, sha, *desc, digest, site.klass, padding, vt))
     if not out:
         raise BuildError(f"the sources define no function of {target} (a replacement must have the same symbol)")
     return tuple(out)

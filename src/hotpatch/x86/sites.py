@@ -42,6 +42,7 @@ OPPORTUNISTIC: Final = "opportunistic"
 ORDINARY: Final = "ordinary"
 CLASSES: Final = (MS_X86, MS_HOOK_PROLOGUE, PATCHABLE_ENTRY, OPPORTUNISTIC, ORDINARY)
 READY_CLASSES: Final = frozenset({MS_X86, MS_HOOK_PROLOGUE, PATCHABLE_ENTRY, OPPORTUNISTIC})
+IFUNC: Final = "ifunc"  # not a site: an IFUNC's resolver in a manifest; apply patches its implementation
 VTABLE_SLOT: Final = "vtable-slot"  # not code: a vtable word redirected with its function (elf/vtables.py)
 
 PROTOCOL_A: Final = "A"  # no stop (livecommit.py)
