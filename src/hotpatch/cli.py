@@ -104,6 +104,12 @@ def main() -> None:
     "without the parameters when it has no overload); repeat for several. Default: every function of TARGET the "
     "SOURCES define.",
 )
+@click.option(
+    "--allow-clones",
+    is_flag=True,
+    help="Build even when a replaced function has compiler clones (.part.N, .constprop.N, .isra.N…) the SOURCES do "
+    "not replace: the callers of those clones keep the old code.",
+)
 @guarded
 def build(
     sources: tuple[str, ...],
@@ -113,6 +119,7 @@ def build(
     version: int,
     ordinary_sites: bool,
     functions: tuple[str, ...],
+    allow_clones: bool,
 ) -> None:
     """Compile SOURCES into one patch file for TARGET."""
     from .elf.cxxnames import pretty
@@ -120,7 +127,14 @@ def build(
 
     wanted = list(functions) or None
     res = do_build(
-        list(sources), target, out, name=name, version=version, ordinary_sites=ordinary_sites, functions=wanted
+        list(sources),
+        target,
+        out,
+        name=name,
+        version=version,
+        ordinary_sites=ordinary_sites,
+        functions=wanted,
+        allow_clones=allow_clones,
     )
     m = res.manifest
 
@@ -132,6 +146,8 @@ def build(
         f"built {out}: patch {m.name} version {m.version} for {m.file} (build-id {m.build_id[:12]}…), "
         f"replaces {', '.join(shown(f) for f in m.functions)}"
     )
+    for note in res.notes:
+        click.echo(f"note: {note}")
 
 
 _PROTOCOL_OPTION = click.option(

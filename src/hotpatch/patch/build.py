@@ -28,6 +28,7 @@ from ..elf.vtables import vtable_slots
 from ..errors import BuildError, HotpatchError
 from ..x86.sites import IFUNC
 from .bundle import PatchBinary
+from .clones import check_clones
 from .describe import describe
 from .manifest import SECTION, Function, Manifest
 
@@ -50,10 +51,12 @@ TARGET_ARCHES = {"x86_64": (64, []), "i386": (32, ["-m32"])}
 
 
 class BuildResult(NamedTuple):
-    """What ``build`` wrote: the output path and its manifest."""
+    """What ``build`` wrote: the output path, its manifest, and notes for the user (compiler clones,
+    :mod:`.clones`)."""
 
     path: str
     manifest: Manifest
+    notes: tuple[str, ...] = ()
 
 
 def include_dir() -> str:
@@ -81,6 +84,7 @@ def build(
     extra_flags: list[str] | None = None,
     ordinary_sites: bool = False,
     functions: list[str] | None = None,
+    allow_clones: bool = False,
 ) -> BuildResult:
     """Compile ``sources`` into the patch file ``out`` for the module file ``target``.
 
@@ -88,7 +92,8 @@ def build(
     ``functions``: the target functions the patch must replace, mangled or as g++ prints them
     (``DemoClass::say_hello(int, std::string_view)``, :mod:`hotpatch.elf.cxxnames`); when given, the sources'
     other definitions that share a target symbol are not replacements. A replaced virtual function's vtable
-    slots (:mod:`hotpatch.elf.vtables`) are recorded to be redirected with it.
+    slots (:mod:`hotpatch.elf.vtables`) are recorded to be redirected with it. A replaced function with
+    compiler clones the patch does not replace too is refused unless ``allow_clones`` (:mod:`.clones`).
     Raises BuildError for compiler failures, a target without build-id, or sources that replace nothing or
     not every function of ``functions``; SymbolError for a name of ``functions`` the target lacks or
     that names several functions; SiteError when a replaced function cannot be patched (too short, branch
@@ -120,7 +125,8 @@ def build(
                 raise BuildError(f"the compiler made a {binary.arch} object for the {tgt.machine} target {target}")
             if binary.has_constructors:
                 raise BuildError("the sources have static constructors, which hotpatch does not run")
-            replaced = _replaced_functions(binary, tgt, target, ordinary_sites, functions)
+            notes: list[str] = []
+            replaced = _replaced_functions(binary, tgt, target, ordinary_sites, functions, allow_clones, notes)
             manifest = Manifest(
                 name=pname,
                 version=version,
@@ -149,7 +155,7 @@ def build(
             shutil.copyfile(final, out)
     finally:
         tgt.close()
-    return BuildResult(out, manifest)
+    return BuildResult(out, manifest, tuple(notes))
 
 
 def _compile_and_link(sources: list[str], tmp: str, extra: list[str], arch_flags: list[str]) -> str:
@@ -194,6 +200,8 @@ def _replaced_functions(
     target: str,
     ordinary_sites: bool = False,
     wanted: list[str] | None = None,
+    allow_clones: bool = False,
+    notes: list[str] | None = None,
 ) -> tuple[Function, ...]:
     """The manifest entries of the target's functions the patch replaces (:func:`_chosen`), each with its
     site class and analysis decided here, with the whole target file at hand
@@ -212,6 +220,9 @@ def _replaced_functions(
             debug.close()
     ranges = function_ranges(tgt_image)
     chosen = _chosen(binary, target_funcs, target, wanted)
+    found = check_clones(chosen, target_funcs, target, allow_clones)
+    if notes is not None:
+        notes += found
     slots = vtable_slots(tgt_image, {target_funcs[n].value for n in chosen})
     out = []
     for name in chosen:
