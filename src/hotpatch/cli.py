@@ -168,8 +168,50 @@ def _pause(protocol: str, threads: int, pause_us: float) -> str:
     return f"protocol {protocol}: {threads} threads traced, none stopped together, longest stop {pause_us:.0f} µs"
 
 
+def _targets(f: F) -> F:
+    """The options choosing the target processes: one --pid, or every process mapping a file or a build."""
+    f = click.option("--json", "as_json", is_flag=True, help="With --exe/--build-id: one JSON document.")(f)
+    f = click.option("--build-id", "build_id", help="Every running process that maps a module with this GNU build-id.")(
+        f
+    )
+    f = click.option(
+        "--exe", "exe", type=click.Path(dir_okay=False), help="Every running process that maps this file."
+    )(f)
+    return click.option("--pid", type=int, help="Target process.")(f)
+
+
+def _chosen_pids(pid: int | None, exe: str | None, build_id: str | None) -> list[int] | None:
+    """None for a single --pid, else the PIDs --exe or --build-id selects; exits 2 unless exactly one of the
+    three is given, 1 when they select no process."""
+    from .every import processes_mapping_build, processes_mapping_file
+
+    if sum(x is not None for x in (pid, exe, build_id)) != 1:
+        _fail("give exactly one of --pid, --exe and --build-id", 2)
+    if pid is not None:
+        return None
+    pids = processes_mapping_file(exe) if exe is not None else processes_mapping_build(str(build_id).lower())
+    if not pids:
+        _fail(f"no running process maps {exe if exe is not None else 'build-id ' + str(build_id)}")
+    return pids
+
+
+def _report_all(results: list[Any], as_json: bool) -> None:
+    """One line per process and a summary (or one JSON document); exit 1 when any process failed."""
+    from .every import summary
+
+    if as_json:
+        click.echo(json.dumps({"results": [r._asdict() for r in results], "summary": summary(results)}, indent=2))
+    else:
+        for r in results:
+            click.echo(f"PID {r.pid} (parent {r.ppid}, wave {r.wave}): {r.outcome}: {r.message}")
+        counts = summary(results)
+        click.echo(f"{counts.pop('processes')} processes: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    if not all(r.ok for r in results):
+        sys.exit(1)
+
+
 @main.command()
-@click.option("--pid", required=True, type=int, help="Target process.")
+@_targets
 @click.argument("patch", type=click.Path(dir_okay=False))
 @_PROTOCOL_OPTION
 @click.option(
@@ -189,13 +231,33 @@ def _pause(protocol: str, threads: int, pause_us: float) -> str:
     help="Seconds --consistency stack waits before giving up (nothing written).",
 )
 @guarded
-def apply(pid: int, patch: str, protocol: str, consistency: str, timeout_s: float) -> None:
-    """Apply the patch file PATCH to process PID."""
+def apply(
+    pid: int | None,
+    exe: str | None,
+    build_id: str | None,
+    as_json: bool,
+    patch: str,
+    protocol: str,
+    consistency: str,
+    timeout_s: float,
+) -> None:
+    """Apply the patch file PATCH to process PID, or to every process of a program (--exe, --build-id: in
+    parallel, parents before their children)."""
+    from functools import partial
+
     from .api import attach
     from .elf.cxxnames import pretty
+    from .every import apply_one, run_all
     from .patch.bundle import PatchFile
 
     pf = PatchFile(patch)
+    pids = _chosen_pids(pid, exe, build_id)
+    if pids is not None:
+        if build_id is not None and build_id.lower() != pf.manifest.build_id:
+            _fail(f"{patch} is a patch for build-id {pf.manifest.build_id}, not {build_id}")
+        _report_all(run_all(pids, partial(apply_one, patch, protocol, consistency, timeout_s)), as_json)
+        return
+    assert pid is not None
     with attach(pid) as target:
         rep = target.apply(pf, protocol, consistency, timeout_s)
     what = f"upgraded from version {rep.replaced_version}" if rep.replaced_version is not None else "applied"
@@ -213,17 +275,27 @@ def apply(pid: int, patch: str, protocol: str, consistency: str, timeout_s: floa
 
 
 @main.command()
-@click.option("--pid", required=True, type=int, help="Target process.")
+@_targets
 @click.argument("name", required=False)
 @click.option("--all", "all_", is_flag=True, help="Revert every applied patch.")
 @_PROTOCOL_OPTION
 @guarded
-def revert(pid: int, name: str | None, all_: bool, protocol: str) -> None:
-    """Revert the patch NAME (or --all) in process PID."""
+def revert(
+    pid: int | None, exe: str | None, build_id: str | None, as_json: bool, name: str | None, all_: bool, protocol: str
+) -> None:
+    """Revert the patch NAME (or --all) in process PID, or in every process of a program (--exe, --build-id)."""
+    from functools import partial
+
     from .api import attach
+    from .every import revert_one, run_all
 
     if bool(name) == all_:
         _fail("give either a patch NAME or --all", 2)
+    pids = _chosen_pids(pid, exe, build_id)
+    if pids is not None:
+        _report_all(run_all(pids, partial(revert_one, None if all_ else name, protocol)), as_json)
+        return
+    assert pid is not None
     with attach(pid) as target:
         reps = target.revert(None if all_ else name, protocol)
     if not reps:

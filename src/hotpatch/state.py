@@ -1,7 +1,10 @@
 """The record of applied patches, kept inside the target (DESIGN.md §2 "state", §6 invariant 5).
 
-The record lives in a shared memfd mapping named ``hotpatch-state`` (``/memfd:hotpatch-state (deleted)`` in
-``/proc/PID/maps``), created by injected raw syscalls on the first apply. It holds a header and two slots of
+The record lives in a memfd mapping named ``hotpatch-state`` (``/memfd:hotpatch-state (deleted)`` in
+``/proc/PID/maps``), created by injected raw syscalls on the first apply. The mapping is private
+(``MAP_PRIVATE``): a child forked later gets its own copy of the record, as it gets its own copy of the patched
+code (mm/memory.c copy-on-write), and a revert in the parent does not erase the child's record of code the child
+still runs. It holds a header and two slots of
 JSON; a writer fills the inactive slot and then flips the one-byte slot index with a single ``pwrite``, so a
 tool killed at any moment leaves either the old or the new record, never a torn one.
 
@@ -20,7 +23,7 @@ from .errors import StateError, TargetError
 from .process.maps import Mapping
 from .process.memory import Memory
 from .process.remote import (
-    MAP_SHARED,
+    MAP_PRIVATE,
     MFD_CLOEXEC,
     PROT_READ,
     PROT_WRITE,
@@ -181,7 +184,7 @@ def create(inject: Injector, mem: Memory) -> int:
         raise TargetError(f"cannot create the hotpatch record in the target: memfd_create: {e.strerror}") from None
     try:
         inject(inject.sys.ftruncate, fd, SIZE)
-        addr = inject.mmap(0, SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        addr = inject.mmap(0, SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0)
     except OSError as e:
         raise TargetError(f"cannot map the hotpatch record in the target: {e.strerror}") from None
     finally:
