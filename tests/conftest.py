@@ -111,3 +111,13 @@ def assert_running(pid: int) -> None:
     with open(f"/proc/{pid}/status") as f:
         tracer = next(line for line in f if line.startswith("TracerPid:")).split()[1]
     assert tracer == "0", f"PID {pid} is still traced by {tracer}"
+
+
+@pytest.fixture(scope="module")
+def lib_program(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """``targets/libsite.c`` built as ``libsite.so`` and ``targets/libmain.c`` (a PIE) linked against it:
+    (library, program)."""
+    top = tmp_path_factory.mktemp("lib")
+    so = compile_program(TARGETS / "libsite.c", top / "libsite.so", "-falign-functions=1", shared=True)
+    exe = compile_program(TARGETS / "libmain.c", top / "libmain", "-Wl,--no-as-needed", str(so), f"-Wl,-rpath,{top}")
+    return so, exe

@@ -133,7 +133,7 @@ def test_gone_process_reported(tmp_path: Path, procs: Procs) -> None:
     worker = int(wait_for_line(server, lambda s: s.startswith("worker")).split()[1])
     short = procs.start("true")
     short.wait()
-    results = run_all([server.pid, worker, short.pid], partial(apply_one, str(patch), "auto", "none", 30.0))
+    results = run_all([server.pid, worker, short.pid], partial(apply_one, str(patch), "auto", "none", 30.0, "code", ()))
     outcome = {r.pid: r.outcome for r in results}
     assert outcome == {server.pid: "applied", worker: "applied", short.pid: "exited"}, results
     assert all(r.ok for r in results)

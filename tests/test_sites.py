@@ -33,9 +33,9 @@ class Answering:
     addrs: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, procs: Procs, exe: Path) -> Answering:
-        """Start ``exe`` and read its function addresses up to ``ready``."""
-        t = cls(procs.start(exe, stdin=subprocess.PIPE))
+    def start(cls, procs: Procs, exe: Path, *args: str | Path) -> Answering:
+        """Start ``exe`` (with ``args``) and read its function addresses up to ``ready``."""
+        t = cls(procs.start(exe, *args, stdin=subprocess.PIPE))
         while True:
             line = wait_for_line(t.proc, lambda _: True).split()
             if line == ["ready"]:
@@ -181,16 +181,6 @@ def test_pie_function_replacement_mapped_near_executable(sites_exe: Path, tmp_pa
 
 
 # -- a function in a shared library --------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def lib_program(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """``targets/libsite.c`` built as ``libsite.so`` and ``targets/libmain.c`` (a PIE) linked against it:
-    (library, program)."""
-    top = tmp_path_factory.mktemp("lib")
-    so = compile_program(TARGETS / "libsite.c", top / "libsite.so", "-falign-functions=1", shared=True)
-    exe = compile_program(TARGETS / "libmain.c", top / "libmain", "-Wl,--no-as-needed", str(so), f"-Wl,-rpath,{top}")
-    return so, exe
 
 
 def test_shared_library_function(lib_program: tuple[Path, Path], tmp_path: Path, procs: Procs) -> None:

@@ -29,6 +29,7 @@ from .consistency import StackBusy, Watched, wait_clear
 from .consistency import timeout as consistency_timeout
 from .elf.cxxnames import pretty
 from .errors import HotpatchError, PatchFileError, SiteError, StateError, TargetError, UpToDateError
+from .gotplan import GotPlan, plan_got
 from .ifunc import implementation as ifunc_implementation
 from .livecommit import LiveCommit, RollingTimeout, settle_programs, wait_settled
 from .loader import Layout, load
@@ -43,7 +44,7 @@ from .process.remote import Injector, SyscallError
 from .state import PatchRecord, Record, SiteRecord
 from .transaction import CommitReport, SiteChange, Transaction
 from .x86.selfloop import SELF_LOOP
-from .x86.sites import PAD_LEN, VTABLE_SLOT
+from .x86.sites import DATA_CLASSES, GOT_SLOT, PAD_LEN, VTABLE_SLOT
 from .x86.trampoline import MAX_TRAMPOLINE
 
 LOCK_TIMEOUT_S = 10.0
@@ -62,6 +63,7 @@ class SiteStatus(NamedTuple):
     klass: str
     protocol: str
     implementation: str = ""
+    importer: str = ""
 
 
 class PatchStatus(NamedTuple):
@@ -92,7 +94,8 @@ class Status(NamedTuple):
 class Report:
     """What an apply or revert did: patch ``name`` and ``version``, ``sites`` (symbol, address) and vtable
     ``slots`` (symbol, address of the word; :mod:`hotpatch.elf.vtables`), the ``implementations`` redirected for
-    IFUNC symbols (symbol -> implementation name, :mod:`hotpatch.ifunc`), ``pause_us`` (the
+    IFUNC symbols (symbol -> implementation name, :mod:`hotpatch.ifunc`), the ``got`` slots redirected
+    (symbol, slot address, importing module; :mod:`hotpatch.gotplan`), ``pause_us`` (the
     longest window in µs in which any target thread was stopped, over the commit and every injection), ``threads``
     stopped by the commit, threads ``moved`` out of overwritten bytes, regions ``retained`` (kept mapped: addr, bytes),
     for an upgrade the ``replaced_version``, the ``protocol`` the commit used (A, R or B; DESIGN.md §4), and
@@ -114,6 +117,7 @@ class Report:
         self.check_samples = 0
         self.slots: list[tuple[str, int]] = []
         self.implementations: dict[str, str] = {}
+        self.got: list[tuple[str, int, str]] = []
 
 
 EM_386, EM_X86_64 = 3, 62  # ELF e_machine (System V gABI)
@@ -204,7 +208,7 @@ class Target:
         keys = [r[0] for r in record.retired if len(r) > 2 and not r[2].startswith(SELF_LOOP.hex())]
         for p in record.patches:
             for s in p.sites:
-                if s.klass == VTABLE_SLOT:
+                if s.klass in DATA_CLASSES:
                     continue  # data, no key
                 off = s.key_at - s.site
                 if SELF_LOOP not in (bytes.fromhex(s.original)[off : off + 2], bytes.fromhex(s.new)[off : off + 2]):
@@ -232,18 +236,28 @@ class Target:
 
     # -- apply --------------------------------------------------------------------------------------
     def apply(
-        self, patch: PatchFile | str, protocol: str = "auto", consistency: str = "none", timeout_s: float = 30.0
+        self,
+        patch: PatchFile | str,
+        protocol: str = "auto",
+        consistency: str = "none",
+        timeout_s: float = 30.0,
+        via: str = "code",
+        importers: tuple[str, ...] = (),
     ) -> Report:
         """Apply a patch (a :class:`PatchFile` or its path); a newer version replaces an older one of the
         same name in one transaction. ``protocol``: a key of PROTOCOLS. ``consistency``: ``none``, or
         ``stack``: wait up to ``timeout_s`` seconds until no thread has a replaced function (or, when
         upgrading, the older version's code) on its stack, and switch then, with protocol B
-        (:mod:`hotpatch.consistency`); ConsistencyTimeout when it never happens (nothing written).
+        (:mod:`hotpatch.consistency`); ConsistencyTimeout when it never happens (nothing written). ``via``:
+        ``code`` (redirect each function's entry), or ``got``: redirect the GOT slots of the modules importing
+        them (those named in ``importers``, file names, when given) and change no code (:mod:`hotpatch.gotplan`).
 
         Raises UpToDateError when the same or a newer version is applied; MismatchError for another build or
         changed bytes; SiteError, SymbolError, PatchFileError, TargetError as their names say. The target is
         unchanged whenever an error is raised.
         """
+        if via not in ("code", "got"):
+            raise HotpatchError(f"unknown redirection {via!r} (code or got)")
         if consistency not in ("none", "stack"):
             raise HotpatchError(f"unknown consistency model {consistency!r} (none or stack)")
         if consistency == "stack" and protocol not in ("auto", "stop-the-world"):
@@ -277,9 +291,17 @@ class Target:
                 def resolve_ifunc(f: Function) -> tuple[Function, str]:
                     return ifunc_implementation(modules, module, f, read_word)
 
-                plans = plan_sites(self.mem, module, man.functions, record, man.name, self.bitness, resolve_ifunc)
-                slots = plan_slots(self.mem, module, man.functions, record, man.name, self.bitness)
-                clear = _watched(plans, old) if consistency == "stack" else []
+                _same_way(old, via)
+                if via == "got":
+                    plans, slots = [], []
+                    got = plan_got(self.mem, modules, module, man.functions, record, man.name, self.bitness, importers)
+                    code = [(g.definition, g.function.size, g.function.symbol) for g in got]
+                else:
+                    got = []
+                    plans = plan_sites(self.mem, module, man.functions, record, man.name, self.bitness, resolve_ifunc)
+                    slots = plan_slots(self.mem, module, man.functions, record, man.name, self.bitness)
+                    code = [(p.prologue.entry, p.function.size, p.function.symbol) for p in plans]
+                clear = _watched(code, old) if consistency == "stack" else []
                 if clear:  # before anything is mapped: a timeout here leaves the target as it was
                     wait_clear(self.pid, self.mem, clear, deadline, self.bitness // 8)
                 layout = Layout.of(pf, MAX_TRAMPOLINE * len(plans))
@@ -296,7 +318,10 @@ class Target:
                         resolved[name] = modules.resolve(name, module, read_word)
                     return resolved[name]
 
-                region, placed, state_addr = self._load(pf, layout, candidates, plans, resolve, maps, state_addr)
+                definitions = {g.function.symbol: g.definition for g in got} if got else None
+                region, placed, state_addr = self._load(
+                    pf, layout, candidates, plans, resolve, maps, state_addr, definitions
+                )
             finally:
                 modules.close()
             assert state_addr is not None
@@ -311,11 +336,14 @@ class Target:
             )
             by_symbol = {s.plan.function.symbol: s for s in placed}
             slot_records = [_slot_record(sp, by_symbol[sp.function.symbol], self.bitness) for sp in slots]
-            rec = rec._replace(sites=rec.sites + slot_records)
+            base = region - layout.min_vaddr
+            got_records = [_got_record(g, base + pf.symbols[g.function.symbol].value, self.bitness) for g in got]
+            rec = rec._replace(sites=rec.sites + slot_records + got_records)
             statemod.write(self.mem, state_addr, Record([*record.patches, rec], record.retired))
             replaced = {s.site: s for s in old.sites} if old is not None else {}
             changes = [c for s in placed for c in _redirect(s, replaced.get(s.plan.address))]
             changes += [_slot_change(sp, r) for sp, r in zip(slots, slot_records, strict=True)]
+            changes += [_got_change(g, r) for g, r in zip(got, got_records, strict=True)]
             pads = {s.plan.pad for s in placed}
             record = Record(record.patches, [r for r in record.retired if not (len(r) > 2 and r[0] in pads)])
             try:
@@ -341,6 +369,7 @@ class Target:
         resolve: Callable[[str], int],
         maps: list[Mapping],
         state_addr: int | None,
+        definitions: dict[str, int] | None = None,
     ) -> tuple[int, list[PlacedSite], int]:
         """Map the patch at the first free candidate address, write it, protect it; create the state
         mapping if needed. Returns (region, placed sites, state address).
@@ -349,14 +378,16 @@ class Target:
         read+execute and makes the data pages writable (patches are linked ``-z noseparate-code -z norelro``,
         so that is two syscalls); the bytes are then written with the target running, through
         ``/proc/PID/mem``, which needs no write permission. The first apply to a target creates the state
-        mapping in a stop of its own, once every symbol has resolved.
+        mapping in a stop of its own, once every symbol has resolved. ``definitions``: where HOTPATCH_ORIGINAL
+        leads when there are no trampolines (``--via got``: the functions themselves).
         """
         rx = remote.PROT_READ | remote.PROT_EXEC
         for region in candidates[:16]:
             tramp_area = region + layout.span
             replacements = {s.name: region - layout.min_vaddr + s.value for s in pf.symbols.values()}
             placed = place(plans, replacements, tramp_area)
-            img = load(pf, layout, region, resolve, {s.plan.function.symbol: s.trampoline.address for s in placed})
+            originals = {s.plan.function.symbol: s.trampoline.address for s in placed}
+            img = load(pf, layout, region, resolve, originals if definitions is None else definitions)
             if state_addr is None:  # once per target, in a stop of its own, after load() resolved every symbol
                 with self._injector(maps) as inject:
                     state_addr = statemod.create(inject, self.mem)
@@ -549,12 +580,13 @@ class Target:
         rep = Report(
             rec.name,
             rec.version,
-            [(s.symbol, s.key_at) for s in rec.sites if s.klass != VTABLE_SLOT],
+            [(s.symbol, s.key_at) for s in rec.sites if s.klass not in DATA_CLASSES],
             max([commit.pause_us, *self._stops_us]),
             commit.threads,
             commit.moved,
         )
         rep.slots = [(s.symbol, s.site) for s in rec.sites if s.klass == VTABLE_SLOT]
+        rep.got = [(s.symbol, s.site, s.importer) for s in rec.sites if s.klass == GOT_SLOT]
         rep.implementations = {s.symbol: s.implementation for s in rec.sites if s.implementation}
         rep.protocol = commit.protocol
         rep.check_stop_us = commit.check_stop_us
@@ -564,13 +596,13 @@ class Target:
 
 
 def _site_status(s: SiteRecord) -> SiteStatus:
-    return SiteStatus(s.symbol, s.entry, s.site, s.klass, s.protocol, s.implementation)
+    return SiteStatus(s.symbol, s.entry, s.site, s.klass, s.protocol, s.implementation, s.importer)
 
 
-def _watched(plans: list[SitePlan], old: PatchRecord | None) -> list[Watched]:
+def _watched(code: list[tuple[int, int, str]], old: PatchRecord | None) -> list[Watched]:
     """The code ``--consistency stack`` waits for no thread to have on its stack: each replaced function
-    (entry, entry + size), and the regions of the older version an upgrade replaces."""
-    out = [Watched(p.prologue.entry, p.prologue.entry + p.function.size, pretty(p.function.symbol)) for p in plans]
+    ``(entry, size, symbol)`` of ``code``, and the regions of the older version an upgrade replaces."""
+    out = [Watched(entry, entry + size, pretty(symbol)) for entry, size, symbol in code]
     if old is not None:
         out += [Watched(r[0], r[0] + r[1], f"code of patch {old.name} version {old.version}") for r in old.regions]
     return out
@@ -631,7 +663,7 @@ def _restore(s: SiteRecord) -> SiteChange:
     keeps its ``E9`` for now (:func:`_padding_entry`)."""
     off, n = s.key_span
     new, orig = bytes.fromhex(s.new)[off : off + n], bytes.fromhex(s.original)[off : off + n]
-    return SiteChange(s.site + off, new, orig, s.symbol, 0, {}, s.key_at, s.klass == VTABLE_SLOT)
+    return SiteChange(s.site + off, new, orig, s.symbol, 0, {}, s.key_at, s.klass in DATA_CLASSES)
 
 
 def _slot_record(sp: SlotPlan, s: PlacedSite, bitness: int) -> SiteRecord:
@@ -642,6 +674,32 @@ def _slot_record(sp: SlotPlan, s: PlacedSite, bitness: int) -> SiteRecord:
     return SiteRecord(
         sp.function.symbol, entry, sp.address, sp.original.hex(), new.hex(), s.replacement, 0, VTABLE_SLOT
     )
+
+
+def _got_record(g: GotPlan, replacement: int, bitness: int) -> SiteRecord:
+    """What the state remembers of one redirected GOT slot: its word before and after, the importing module."""
+    new = (replacement % (1 << bitness)).to_bytes(bitness // 8, "little")
+    f = g.function
+    return SiteRecord(
+        f.symbol, g.definition, g.address, g.original.hex(), new.hex(), replacement, 0, GOT_SLOT, importer=g.importer
+    )
+
+
+def _got_change(g: GotPlan, r: SiteRecord) -> SiteChange:
+    """The change that points one GOT slot at the replacement: one aligned word, stored whole."""
+    return SiteChange(g.address, g.current, bytes.fromhex(r.new), f"GOT slot of {r.symbol}", word=True)
+
+
+def _same_way(old: PatchRecord | None, via: str) -> None:
+    """Raises SiteError when the applied version ``old`` redirects its functions the other way (code or GOT)."""
+    if old is None or not old.sites:
+        return
+    old_via = "got" if all(s.klass == GOT_SLOT for s in old.sites) else "code"
+    if old_via != via:
+        raise SiteError(
+            f"patch {old.name} version {old.version} is applied with --via {old_via}; revert it before applying "
+            f"a version with --via {via}"
+        )
 
 
 def _slot_change(sp: SlotPlan, r: SiteRecord) -> SiteChange:

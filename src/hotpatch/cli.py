@@ -230,6 +230,20 @@ def _report_all(results: list[Any], as_json: bool) -> None:
     show_default=True,
     help="Seconds --consistency stack waits before giving up (nothing written).",
 )
+@click.option(
+    "--via",
+    type=click.Choice(["code", "got"]),
+    default="code",
+    show_default=True,
+    help="code: redirect each function at its entry. got: change no code; point the GOT slots of the modules "
+    "importing each function at the replacement (one aligned store each).",
+)
+@click.option(
+    "--importer",
+    "importers",
+    multiple=True,
+    help="With --via got: only the slots of this module (file name, e.g. libfoo.so.1); repeat for several.",
+)
 @guarded
 def apply(
     pid: int | None,
@@ -240,6 +254,8 @@ def apply(
     protocol: str,
     consistency: str,
     timeout_s: float,
+    via: str,
+    importers: tuple[str, ...],
 ) -> None:
     """Apply the patch file PATCH to process PID, or to every process of a program (--exe, --build-id: in
     parallel, parents before their children)."""
@@ -255,11 +271,12 @@ def apply(
     if pids is not None:
         if build_id is not None and build_id.lower() != pf.manifest.build_id:
             _fail(f"{patch} is a patch for build-id {pf.manifest.build_id}, not {build_id}")
-        _report_all(run_all(pids, partial(apply_one, patch, protocol, consistency, timeout_s)), as_json)
+        op = partial(apply_one, patch, protocol, consistency, timeout_s, via, importers)
+        _report_all(run_all(pids, op), as_json)
         return
     assert pid is not None
     with attach(pid) as target:
-        rep = target.apply(pf, protocol, consistency, timeout_s)
+        rep = target.apply(pf, protocol, consistency, timeout_s, via, importers)
     what = f"upgraded from version {rep.replaced_version}" if rep.replaced_version is not None else "applied"
 
     def site(sym: str, addr: int) -> str:
@@ -267,9 +284,16 @@ def apply(
         impl = f" (IFUNC: this process uses {rep.implementations[sym]})" if sym in rep.implementations else ""
         return f"{pretty(sym)}{impl} at {addr:#x}" + (f" and {n} vtable slot{'s' if n > 1 else ''}" if n else "")
 
+    parts = [site(sym, addr) for sym, addr in rep.sites]
+    importers_of: dict[str, list[str]] = {}
+    for sym, _, importer in rep.got:
+        importers_of.setdefault(sym, []).append(os.path.basename(importer))
+    for sym, mods in importers_of.items():
+        n = len(mods)
+        parts.append(f"{pretty(sym)} in {n} GOT slot{'s' if n > 1 else ''} of {', '.join(sorted(set(mods)))}")
     click.echo(
         f"{what}: patch {rep.name} version {rep.version} to PID {pid}: "
-        + ", ".join(site(sym, addr) for sym, addr in rep.sites)
+        + ", ".join(parts)
         + f" ({_pause(rep.protocol, rep.threads, rep.pause_us)})"
     )
 

@@ -161,14 +161,22 @@ def summary(results: list[ProcessResult]) -> dict[str, Any]:
     return {"processes": len(results), **counts}
 
 
-def apply_one(patch: str, protocol: str, consistency: str, timeout_s: float, pid: int) -> tuple[str, str]:
-    """Apply the patch file ``patch`` to ``pid`` (:meth:`hotpatch.api.Target.apply`): ``applied`` or
-    ``upgraded``, and the patch, protocol and longest stop."""
+def apply_one(
+    patch: str,
+    protocol: str,
+    consistency: str,
+    timeout_s: float,
+    via: str,
+    importers: tuple[str, ...],
+    pid: int,
+) -> tuple[str, str]:
+    """Apply the patch file ``patch`` to ``pid`` with the options of :meth:`hotpatch.api.Target.apply`:
+    ``applied`` or ``upgraded``, and the patch, protocol and longest stop."""
     from .api import attach
     from .patch.bundle import PatchFile
 
     with attach(pid) as target:
-        rep = target.apply(PatchFile(patch), protocol, consistency, timeout_s)
+        rep = target.apply(PatchFile(patch), protocol, consistency, timeout_s, via, importers)
     outcome = "upgraded" if rep.replaced_version is not None else "applied"
     stop = f"protocol {rep.protocol}, longest stop {rep.pause_us:.0f} µs"
     return outcome, f"patch {rep.name} version {rep.version}, {stop}"

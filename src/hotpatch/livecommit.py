@@ -193,10 +193,14 @@ class LiveCommit:
         self._runner_tid = th.tid
         inject = Injector(world, self.mem, self.stub, th)
         try:
+            # The program's page is mapped read+execute at once and written through /proc/PID/mem (which needs no
+            # write permission); only the data page is made writable: no page ever goes from writable to
+            # executable, which a policy forbidding mprotect(PROT_EXEC) (seccomp, SELinux execmod) refuses.
             area = inject.mmap(
-                0, 2 * selfloop.PAGE, remote.PROT_READ | remote.PROT_WRITE, remote.MAP_PRIVATE | remote.MAP_ANONYMOUS
+                0, 2 * selfloop.PAGE, remote.PROT_READ | remote.PROT_EXEC, remote.MAP_PRIVATE | remote.MAP_ANONYMOUS
             )
             self._area, data = area, area + selfloop.PAGE
+            inject(inject.sys.mprotect, data, selfloop.PAGE, remote.PROT_READ | remote.PROT_WRITE)
             resume = inject.saved.copy()
             resume.rip, resume.rax = inject.arch.resume_point(inject.saved)
             resume.orig_rax = 2**64 - 1
@@ -204,7 +208,12 @@ class LiveCommit:
             wait = PROGRAM_WAIT_S if ranges else None
             self.mem.write(area, selfloop.build(area, self.edits, prot, resume, wait, self.bitness))
             self.mem.write(data, selfloop.data_page(self.bitness))
-            inject(inject.sys.mprotect, area, selfloop.PAGE, remote.PROT_READ | remote.PROT_EXEC)
+        except remote.SyscallError as e:
+            if self._area:
+                with suppress(HotpatchError, OSError):
+                    inject(inject.sys.munmap, self._area, 2 * selfloop.PAGE)
+                self._area = 0
+            raise TargetError(f"cannot set up the commit in PID {self.pid}: {e.strerror}") from None
         finally:
             inject.close()
         self._launch(world, th, resume, area)

@@ -125,7 +125,7 @@ def plan_sites(
     Raises MismatchError when a function's bytes (or, for a short-jump class, the padding before it) differ
     from the manifest, SiteError when a site is owned by another patch or cannot be patched safely.
     """
-    owned = {s.site: (p.name, s) for p in record.patches for s in p.sites if s.klass != sites.VTABLE_SLOT}
+    owned = {s.site: (p.name, s) for p in record.patches for s in p.sites if s.klass not in sites.DATA_CLASSES}
     plans = []
     for f in functions:
         implementation = ""

@@ -55,6 +55,7 @@ class SiteRecord(NamedTuple):
     protocol: str = "B"
     key: int = 0
     implementation: str = ""  # an IFUNC's: the implementation redirected (hotpatch.ifunc)
+    importer: str = ""  # a GOT slot's: the module whose slot it is (hotpatch.gotplan)
 
     @property
     def key_at(self) -> int:

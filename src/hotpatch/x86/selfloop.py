@@ -8,7 +8,8 @@ thread back where it was. It is the handler-free "self-loop" variant of the rese
 
 1. block every signal (``rt_sigprocmask``); make sure ``membarrier(PRIVATE_EXPEDITED_SYNC_CORE)`` works
    (registering once per process on ``EPERM``, research §1.6); ``mprotect`` the pages of the changes
-   read+write+execute;
+   writable, keeping their other bits (code read+write+execute, a read-only GOT or vtable read+write: no
+   data page is ever made executable, and a page writable already is left alone);
 2. store ``EB FE`` (``jmp $``) over the first two bytes of every *key* (the instruction threads enter a
    change through) with bytes behind its first word to change (:func:`needs_loop`), each with one 2-byte
    store inside one cache line (data-atomic: Intel SDM Vol. 3A §9.1.1); sync. A thread that reaches such a
@@ -43,7 +44,7 @@ CLOCK_MONOTONIC = 1
 MEMBARRIER_SYNC_CORE = 1 << 5  # include/uapi/linux/membarrier.h
 MEMBARRIER_REGISTER_SYNC_CORE = 1 << 6
 EPERM = 1
-PROT_RWX = 7
+PROT_WRITE = 2
 NAP_NS = 50_000  # the wait loop's sleep between two looks at D_GO
 
 # data page
@@ -272,8 +273,10 @@ def build(
     a.label("synced")
     a.wide(b"\x85\xc0")  # test rax, rax
     a.jump(JS, "failed_early")
-    for page in prot:
-        a.syscall(a.sys.mprotect, page, PAGE, PROT_RWX)
+    for page, p in prot.items():
+        if p & PROT_WRITE:
+            continue  # writable data (a lazily bound GOT): nothing to change, nothing to put back
+        a.syscall(a.sys.mprotect, page, PAGE, p | PROT_WRITE)
         a.wide(b"\x85\xc0")
         a.jump(JS, "failed")
     looped = [e for e in edits if needs_loop(e)]
@@ -302,6 +305,8 @@ def build(
     a.mov(out, FAILED)
     a.label("unprotect")
     for page, p in prot.items():
+        if p & PROT_WRITE:
+            continue
         a.syscall(a.sys.mprotect, page, PAGE, p)
     a.jump(JMP, "out")
     a.label("failed_early")

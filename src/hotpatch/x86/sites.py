@@ -44,6 +44,8 @@ CLASSES: Final = (MS_X86, MS_HOOK_PROLOGUE, PATCHABLE_ENTRY, OPPORTUNISTIC, ORDI
 READY_CLASSES: Final = frozenset({MS_X86, MS_HOOK_PROLOGUE, PATCHABLE_ENTRY, OPPORTUNISTIC})
 IFUNC: Final = "ifunc"  # not a site: an IFUNC's resolver in a manifest; apply patches its implementation
 VTABLE_SLOT: Final = "vtable-slot"  # not code: a vtable word redirected with its function (elf/vtables.py)
+GOT_SLOT: Final = "got-slot"  # not code: a GOT word of a module importing the function (--via got, gotplan.py)
+DATA_CLASSES: Final = frozenset({VTABLE_SLOT, GOT_SLOT})  # records of words stored whole, with no key
 
 PROTOCOL_A: Final = "A"  # no stop (livecommit.py)
 PROTOCOL_R: Final = "R"  # self-loop + rolling per-thread check
