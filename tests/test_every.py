@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 
 from conftest import TARGETS, Procs, assert_running, compile_program, run_cli, wait_for_line
+from hotpatch.api import ApplyOptions
 from hotpatch.every import apply_one, run_all
 
 WORKERS = 8
@@ -133,7 +134,7 @@ def test_gone_process_reported(tmp_path: Path, procs: Procs) -> None:
     worker = int(wait_for_line(server, lambda s: s.startswith("worker")).split()[1])
     short = procs.start("true")
     short.wait()
-    results = run_all([server.pid, worker, short.pid], partial(apply_one, str(patch), "auto", "none", 30.0, "code", ()))
+    results = run_all([server.pid, worker, short.pid], partial(apply_one, str(patch), ApplyOptions()))
     outcome = {r.pid: r.outcome for r in results}
     assert outcome == {server.pid: "applied", worker: "applied", short.pid: "exited"}, results
     assert all(r.ok for r in results)

@@ -91,6 +91,17 @@ class Status(NamedTuple):
         return {"pid": self.pid, "patches": patches, "retained": [list(r) for r in self.retained]}
 
 
+class ApplyOptions(NamedTuple):
+    """How :meth:`Target.apply` works, in its parameters' order: ``protocol`` (a key of PROTOCOLS),
+    ``consistency`` (none or stack), ``timeout_s`` (seconds), ``via`` (code or got) and ``importers``."""
+
+    protocol: str = "auto"
+    consistency: str = "none"
+    timeout_s: float = 30.0
+    via: str = "code"
+    importers: tuple[str, ...] = ()
+
+
 class Report:
     """What an apply or revert did: patch ``name`` and ``version``, ``sites`` (symbol, address) and vtable
     ``slots`` (symbol, address of the word; :mod:`hotpatch.elf.vtables`), the ``implementations`` redirected for

@@ -150,12 +150,15 @@ def build(
         click.echo(f"note: {note}")
 
 
-_PROTOCOL_OPTION = click.option(
+def _choice(name: str, choices: list[str], help: str) -> Callable[[F], F]:
+    """A ``--name`` option taking one of ``choices``, the first being the default."""
+    return click.option(name, type=click.Choice(choices), default=choices[0], show_default=True, help=help)
+
+
+_PROTOCOL_OPTION = _choice(
     "--protocol",
-    type=click.Choice(["auto", "no-stop", "rolling", "stop-the-world"]),
-    default="auto",
-    show_default=True,
-    help="How sites are written (DESIGN.md §4): no-stop (A, no thread stopped), rolling (R, every thread seen out "
+    ["auto", "no-stop", "rolling", "stop-the-world"],
+    "How sites are written (DESIGN.md §4): no-stop (A, no thread stopped), rolling (R, every thread seen out "
     "of the overwritten bytes; through perf samples, else stopped one at a time), stop-the-world (B); auto picks "
     "the best each site allows.",
 )
@@ -214,12 +217,10 @@ def _report_all(results: list[Any], as_json: bool) -> None:
 @_targets
 @click.argument("patch", type=click.Path(dir_okay=False))
 @_PROTOCOL_OPTION
-@click.option(
+@_choice(
     "--consistency",
-    type=click.Choice(["none", "stack"]),
-    default="none",
-    show_default=True,
-    help="stack: switch only when no thread has a replaced function on its stack (the kernel livepatch model, per "
+    ["none", "stack"],
+    "stack: switch only when no thread has a replaced function on its stack (the kernel livepatch model, per "
     "function), waiting up to --timeout; the switch then stops every thread for the check and the writes.",
 )
 @click.option(
@@ -230,12 +231,10 @@ def _report_all(results: list[Any], as_json: bool) -> None:
     show_default=True,
     help="Seconds --consistency stack waits before giving up (nothing written).",
 )
-@click.option(
+@_choice(
     "--via",
-    type=click.Choice(["code", "got"]),
-    default="code",
-    show_default=True,
-    help="code: redirect each function at its entry. got: change no code; point the GOT slots of the modules "
+    ["code", "got"],
+    "code: redirect each function at its entry. got: change no code; point the GOT slots of the modules "
     "importing each function at the replacement (one aligned store each).",
 )
 @click.option(
@@ -261,22 +260,22 @@ def apply(
     parallel, parents before their children)."""
     from functools import partial
 
-    from .api import attach
+    from .api import ApplyOptions, attach
     from .elf.cxxnames import pretty
     from .every import apply_one, run_all
     from .patch.bundle import PatchFile
 
     pf = PatchFile(patch)
+    options = ApplyOptions(protocol, consistency, timeout_s, via, importers)
     pids = _chosen_pids(pid, exe, build_id)
     if pids is not None:
         if build_id is not None and build_id.lower() != pf.manifest.build_id:
             _fail(f"{patch} is a patch for build-id {pf.manifest.build_id}, not {build_id}")
-        op = partial(apply_one, patch, protocol, consistency, timeout_s, via, importers)
-        _report_all(run_all(pids, op), as_json)
+        _report_all(run_all(pids, partial(apply_one, patch, options)), as_json)
         return
     assert pid is not None
     with attach(pid) as target:
-        rep = target.apply(pf, protocol, consistency, timeout_s, via, importers)
+        rep = target.apply(pf, *options)
     what = f"upgraded from version {rep.replaced_version}" if rep.replaced_version is not None else "applied"
 
     def site(sym: str, addr: int) -> str:

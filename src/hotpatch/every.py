@@ -19,9 +19,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .errors import HotpatchError, TargetError, UpToDateError
+
+if TYPE_CHECKING:
+    from .api import ApplyOptions
 
 MAX_WORKERS = 8  # targets patched at once (each is mostly waiting on its own threads, not on a CPU)
 
@@ -161,22 +164,14 @@ def summary(results: list[ProcessResult]) -> dict[str, Any]:
     return {"processes": len(results), **counts}
 
 
-def apply_one(
-    patch: str,
-    protocol: str,
-    consistency: str,
-    timeout_s: float,
-    via: str,
-    importers: tuple[str, ...],
-    pid: int,
-) -> tuple[str, str]:
-    """Apply the patch file ``patch`` to ``pid`` with the options of :meth:`hotpatch.api.Target.apply`:
+def apply_one(patch: str, options: ApplyOptions, pid: int) -> tuple[str, str]:
+    """Apply the patch file ``patch`` to ``pid`` with ``options`` (:meth:`hotpatch.api.Target.apply`'s):
     ``applied`` or ``upgraded``, and the patch, protocol and longest stop."""
     from .api import attach
     from .patch.bundle import PatchFile
 
     with attach(pid) as target:
-        rep = target.apply(PatchFile(patch), protocol, consistency, timeout_s, via, importers)
+        rep = target.apply(PatchFile(patch), *options)
     outcome = "upgraded" if rep.replaced_version is not None else "applied"
     stop = f"protocol {rep.protocol}, longest stop {rep.pause_us:.0f} µs"
     return outcome, f"patch {rep.name} version {rep.version}, {stop}"
