@@ -35,7 +35,7 @@ from .livecommit import LiveCommit, RollingTimeout, settle_programs, wait_settle
 from .loader import Layout, load
 from .modules import ModuleSet
 from .patch.bundle import PatchFile
-from .patch.manifest import Function
+from .patch.manifest import Function, Manifest
 from .planner import PlacedSite, SitePlan, SlotPlan, place, plan_sites, plan_slots
 from .process import remote
 from .process.maps import Mapping, gap_candidates, read_maps
@@ -336,24 +336,12 @@ class Target:
             finally:
                 modules.close()
             assert state_addr is not None
-            rec = PatchRecord(
-                name=man.name,
-                version=man.version,
-                build_id=man.build_id,
-                module=module.path,
-                applied_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                regions=[[region, layout.size]],
-                sites=[_site_record(s) for s in placed],
-            )
-            by_symbol = {s.plan.function.symbol: s for s in placed}
-            slot_records = [_slot_record(sp, by_symbol[sp.function.symbol], self.bitness) for sp in slots]
+            rec = build_record(man, module.path, region, layout.size, placed, slots, self.bitness)
             base = region - layout.min_vaddr
             got_records = [_got_record(g, base + pf.symbols[g.function.symbol].value, self.bitness) for g in got]
-            rec = rec._replace(sites=rec.sites + slot_records + got_records)
+            rec = rec._replace(sites=rec.sites + got_records)
             statemod.write(self.mem, state_addr, Record([*record.patches, rec], record.retired))
-            replaced = {s.site: s for s in old.sites} if old is not None else {}
-            changes = [c for s in placed for c in _redirect(s, replaced.get(s.plan.address))]
-            changes += [_slot_change(sp, r) for sp, r in zip(slots, slot_records, strict=True)]
+            changes = redirect_changes(placed, slots, rec, old)
             changes += [_got_change(g, r) for g, r in zip(got, got_records, strict=True)]
             pads = {s.plan.pad for s in placed}
             record = Record(record.patches, [r for r in record.retired if not (len(r) > 2 and r[0] in pads)])
@@ -588,22 +576,64 @@ class Target:
         return fixed
 
     def _report(self, rec: PatchRecord, commit: CommitReport) -> Report:
-        rep = Report(
-            rec.name,
-            rec.version,
-            [(s.symbol, s.key_at) for s in rec.sites if s.klass not in DATA_CLASSES],
-            max([commit.pause_us, *self._stops_us]),
-            commit.threads,
-            commit.moved,
-        )
-        rep.slots = [(s.symbol, s.site) for s in rec.sites if s.klass == VTABLE_SLOT]
-        rep.got = [(s.symbol, s.site, s.importer) for s in rec.sites if s.klass == GOT_SLOT]
-        rep.implementations = {s.symbol: s.implementation for s in rec.sites if s.implementation}
-        rep.protocol = commit.protocol
-        rep.check_stop_us = commit.check_stop_us
-        rep.check_stops = commit.check_stops
-        rep.check_samples = commit.check_samples
+        rep = report_of(rec, commit)
+        rep.pause_us = max([commit.pause_us, *self._stops_us])
         return rep
+
+
+def report_of(rec: PatchRecord, commit: CommitReport) -> Report:
+    """The :class:`Report` of the patch ``rec`` after ``commit`` (the pause: the commit's alone)."""
+    rep = Report(
+        rec.name,
+        rec.version,
+        [(s.symbol, s.key_at) for s in rec.sites if s.klass not in DATA_CLASSES],
+        commit.pause_us,
+        commit.threads,
+        commit.moved,
+    )
+    rep.slots = [(s.symbol, s.site) for s in rec.sites if s.klass == VTABLE_SLOT]
+    rep.got = [(s.symbol, s.site, s.importer) for s in rec.sites if s.klass == GOT_SLOT]
+    rep.implementations = {s.symbol: s.implementation for s in rec.sites if s.implementation}
+    rep.protocol = commit.protocol
+    rep.check_stop_us = commit.check_stop_us
+    rep.check_stops = commit.check_stops
+    rep.check_samples = commit.check_samples
+    return rep
+
+
+def build_record(
+    man: Manifest,
+    module: str,
+    region: int,
+    size: int,
+    placed: list[PlacedSite],
+    slots: list[SlotPlan],
+    bitness: int = 64,
+) -> PatchRecord:
+    """The record of patch ``man`` about to be applied to ``module`` (path), loaded at ``region`` (``size``
+    bytes): its code sites, then its vtable slots."""
+    by_symbol = {s.plan.function.symbol: s for s in placed}
+    return PatchRecord(
+        name=man.name,
+        version=man.version,
+        build_id=man.build_id,
+        module=module,
+        applied_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        regions=[[region, size]],
+        sites=[_site_record(s) for s in placed]
+        + [_slot_record(sp, by_symbol[sp.function.symbol], bitness) for sp in slots],
+    )
+
+
+def redirect_changes(
+    placed: list[PlacedSite], slots: list[SlotPlan], rec: PatchRecord, old: PatchRecord | None
+) -> list[SiteChange]:
+    """The changes that redirect the code sites of ``placed`` (over the older version ``old``'s jumps when
+    upgrading) and the vtable ``slots`` of the record ``rec`` (:func:`build_record`)."""
+    replaced = {s.site: s for s in old.sites} if old is not None else {}
+    changes = [c for s in placed for c in _redirect(s, replaced.get(s.plan.address))]
+    by_site = {r.site: r for r in rec.sites if r.klass == VTABLE_SLOT}
+    return changes + [_slot_change(sp, by_site[sp.address]) for sp in slots]
 
 
 def _site_status(s: SiteRecord) -> SiteStatus:

@@ -105,7 +105,21 @@ def check_bytes(mem: Memory, changes: Sequence[SiteChange]) -> None:
             )
 
 
-class Transaction:
+class ChangeSet:
+    """Queued site changes that do not overlap (the ``add`` half of a transaction)."""
+
+    def __init__(self) -> None:
+        self.changes: list[SiteChange] = []
+
+    def add(self, change: SiteChange) -> None:
+        """Queue one change. Raises SiteError when it overlaps a queued one."""
+        for c in self.changes:
+            if c.address < change.address + len(change.new) and change.address < c.address + len(c.new):
+                raise SiteError(f"{change.label} overlaps {c.label}")
+        self.changes.append(change)
+
+
+class Transaction(ChangeSet):
     """A set of site changes in one target, applied all-or-nothing by :meth:`commit`.
 
     ``Transaction(pid, mem, bitness)`` begins it; :meth:`add` queues changes; :meth:`commit` writes them with
@@ -115,17 +129,10 @@ class Transaction:
     """
 
     def __init__(self, pid: int, mem: Memory, bitness: int = 64) -> None:
+        super().__init__()
         self.pid = pid
         self.mem = mem
         self.word = bitness // 8
-        self.changes: list[SiteChange] = []
-
-    def add(self, change: SiteChange) -> None:
-        """Queue one change. Raises SiteError when it overlaps a queued one."""
-        for c in self.changes:
-            if c.address < change.address + len(change.new) and change.address < c.address + len(c.new):
-                raise SiteError(f"{change.label} overlaps {c.label}")
-        self.changes.append(change)
 
     def commit(self, watch: Sequence[tuple[int, int]] = (), clear: Sequence[Watched] = ()) -> CommitReport:
         """Apply every queued change under protocol B. Raises MismatchError when a site's bytes differ from
