@@ -70,7 +70,7 @@ def test_thousand_apply_revert_cycles_under_load(tmp_path: Path, procs: Procs) -
     patch = tmp_path / "conc.hp"
     res = run_cli("build", TARGETS / "concurrency_patch.c", "--target", exe, "-o", patch, "--name", "conc")
     assert res.returncode == 0, res.stderr
-    assert "_ZN7Greeter7computeEl" in res.stdout and "c_compute" in res.stdout
+    assert "Greeter::compute(long)" in res.stdout and "c_compute" in res.stdout  # demangled
 
     proc = procs.start(exe, stdin=subprocess.PIPE)
     wait_for_line(proc, lambda ln: ln.strip() == "ready")
