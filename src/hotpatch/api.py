@@ -54,8 +54,8 @@ PROTOCOLS = {"auto": "auto", "no-stop": "A", "rolling": "R", "stop-the-world": "
 
 
 class SiteStatus(NamedTuple):
-    """A site as ``status`` reports it: symbol, entry and site addresses, class, protocol, and for an IFUNC the
-    implementation redirected."""
+    """A site as ``status`` reports it: symbol, entry and site addresses, class, protocol, for an IFUNC the
+    implementation redirected, for a GOT slot the importing module."""
 
     symbol: str
     entry: int

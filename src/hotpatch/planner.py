@@ -131,11 +131,13 @@ def plan_sites(
         implementation = ""
         if f.klass == sites.IFUNC:
             resolver = mem.read(module.bias + f.value, f.size)
-            if hashlib.sha256(resolver).hexdigest() != f.sha256 or resolve_ifunc is None:
+            if hashlib.sha256(resolver).hexdigest() != f.sha256:
                 raise MismatchError(
                     f"the resolver of IFUNC {f.symbol} in {module.path} differs from the one the patch was built "
                     "against"
                 )
+            if resolve_ifunc is None:
+                raise SiteError(f"{f.symbol} is an IFUNC; its implementation cannot be found here")
             f, implementation = resolve_ifunc(f)
         entry = module.bias + f.value
         code, padding, mine = _original_code(mem, entry, f.size, owned, record.retired, name, f.symbol)

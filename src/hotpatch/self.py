@@ -41,9 +41,11 @@ from typing import Any
 
 from . import api
 from .errors import HotpatchError, PatchFileError, SiteError, StateError, TargetError, UpToDateError
+from .ifunc import implementation as ifunc_implementation
 from .loader import Layout, load
 from .modules import ModuleSet
 from .patch.bundle import PatchFile
+from .patch.manifest import Function
 from .planner import place, plan_sites, plan_slots
 from .process.maps import PAGE, gap_candidates, page_down, read_maps
 from .process.memory import Memory
@@ -244,7 +246,14 @@ class SelfTarget:
             modules = ModuleSet(self.pid, maps)
             try:
                 module = modules.find(man.build_id, man.file)
-                plans = plan_sites(mem, module, man.functions, _record, man.name)
+
+                def read_word(addr: int) -> int:
+                    return int.from_bytes(mem.read(addr, WORD), "little")
+
+                def resolve_ifunc(f: Function) -> tuple[Function, str]:
+                    return ifunc_implementation(modules, module, f, read_word)
+
+                plans = plan_sites(mem, module, man.functions, _record, man.name, 64, resolve_ifunc)
                 slots = plan_slots(mem, module, man.functions, _record, man.name)
                 layout = Layout.of(pf, MAX_TRAMPOLINE * len(plans))
                 near = [p.prologue.site for p in plans] + [module.start, module.end]
@@ -256,7 +265,7 @@ class SelfTarget:
                         pf,
                         layout,
                         region,
-                        lambda n: modules.resolve(n, module, lambda a: int.from_bytes(mem.read(a, 8), "little")),
+                        lambda n: modules.resolve(n, module, read_word),
                         {s.plan.function.symbol: s.trampoline.address for s in placed},
                     )
                     tramps = b"".join(s.trampoline.code.ljust(MAX_TRAMPOLINE, b"\xcc") for s in placed)
