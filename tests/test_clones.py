@@ -46,3 +46,29 @@ def test_partial_inlining_clone(tmp_path: Path, procs: Procs) -> None:
     assert run_cli("revert", "--pid", proc.pid, "--all").returncode == 0
     assert ask(5) == 16
     assert_running(proc.pid)
+
+
+def test_whole_copy_clone_follows(tmp_path: Path, procs: Procs) -> None:
+    """A clone that is the same code as the function it copies (compute.clone.0) is redirected to the
+    function's replacement as well, and the build says so; both switch, and both come back on revert."""
+    exe = compile_program(TARGETS / "clone_copy.c", tmp_path / "clone_copy", "-fno-ipa-icf")
+    patch = tmp_path / "copy.hp"
+    res = run_cli("build", TARGETS / "clone_copy_patch.c", "--target", exe, "-o", patch)
+    assert res.returncode == 0, res.stderr
+    assert "replaces compute, compute.clone.0" in res.stdout, res.stdout
+    assert "note: compute.clone.0 is a whole copy of compute: redirected to its replacement too" in res.stdout
+    proc = procs.start(exe, stdin=subprocess.PIPE)
+    wait_for_line(proc, lambda s: s.startswith("ready"))
+
+    def ask(n: int) -> list[int]:
+        assert proc.stdin is not None
+        proc.stdin.write(f"{n}\n".encode())
+        proc.stdin.flush()
+        return [int(v) for v in wait_for_line(proc, lambda s: s[:1].isdigit()).split()]
+
+    assert ask(2) == [17, 17]
+    assert run_cli("apply", "--pid", proc.pid, patch).returncode == 0
+    assert ask(2) == [1014, 1014]
+    assert run_cli("revert", "--pid", proc.pid, "--all").returncode == 0
+    assert ask(2) == [17, 17]
+    assert_running(proc.pid)

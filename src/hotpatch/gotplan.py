@@ -72,6 +72,8 @@ def plan_got(
 
     out = []
     for f in functions:
+        if f.replacement:  # a compiler clone: a local copy no module imports
+            continue
         code = mem.read(module.bias + f.value, f.size)
         if hashlib.sha256(code).hexdigest() != f.sha256:
             raise MismatchError(

@@ -183,7 +183,8 @@ def place(plans: list[SitePlan], replacements: dict[str, int], tramp_area: int) 
     out = []
     for i, plan in enumerate(plans):
         tramp = x86trampoline.build(plan.prologue, tramp_area + i * x86trampoline.MAX_TRAMPOLINE, plan.bitness)
-        out.append(PlacedSite(plan, replacements[plan.function.symbol], tramp))
+        f = plan.function
+        out.append(PlacedSite(plan, replacements[f.replacement or f.symbol], tramp))
     return out
 
 

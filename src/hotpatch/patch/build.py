@@ -26,6 +26,7 @@ from ..elf.debugfile import open_debug_file
 from ..elf.image import ElfImage, Symbol, open_elf
 from ..elf.vtables import vtable_slots
 from ..errors import BuildError, HotpatchError
+from ..x86.samecode import same_code
 from ..x86.sites import IFUNC
 from .bundle import PatchBinary
 from .clones import check_clones
@@ -220,11 +221,20 @@ def _replaced_functions(
             debug.close()
     ranges = function_ranges(tgt_image)
     chosen = _chosen(binary, target_funcs, target, wanted)
-    found = check_clones(chosen, target_funcs, target, allow_clones)
+
+    def whole(base: str, clone: str) -> bool:
+        a, b = target_funcs[base], target_funcs[clone]
+        if not a.size or a.size != b.size or "ifunc" in (a.kind, b.kind):
+            return False
+        code_a, code_b = tgt_image.read_vaddr(a.value, a.size), tgt_image.read_vaddr(b.value, b.size)
+        return same_code(code_a, a.value, code_b, b.value, tgt_image.bitness)
+
+    found, copies = check_clones(chosen, target_funcs, target, allow_clones, whole)
     if notes is not None:
         notes += found
+    chosen = sorted([*chosen, *copies])
     slots = vtable_slots(tgt_image, {target_funcs[n].value for n in chosen})
-    out = []
+    out: list[Function] = []
     for name in chosen:
         orig = target_funcs[name]
         if orig.size == 0:
@@ -235,7 +245,8 @@ def _replaced_functions(
             continue
         try:
             vt = tuple(slots.get(orig.value, ()))
-            out.append(describe(tgt_image, ranges, name, orig, pretty(name), ordinary_sites, vt))
+            desc = describe(tgt_image, ranges, name, orig, pretty(name), ordinary_sites, vt)
+            out.append(desc._replace(replacement=copies.get(name, "")))
         except HotpatchError as e:
             raise type(e)(f"cannot patch {target}: {e}") from None
     if not out:

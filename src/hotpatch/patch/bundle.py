@@ -161,6 +161,7 @@ class PatchFile(PatchBinary):
             )
         if self.manifest.content_sha256 != self.content_sha256:
             raise PatchFileError(f"{path} is corrupt: its code does not match the hash in its manifest")
-        missing = [f.symbol for f in self.manifest.functions if f.symbol not in self.symbols]
+        missing = [f.replacement or f.symbol for f in self.manifest.functions]
+        missing = [name for name in missing if name not in self.symbols]
         if missing:  # the section headers that locate .dynsym are outside the content hash
             raise PatchFileError(f"{path} is corrupt: it does not define {', '.join(missing)}, named in its manifest")

@@ -8,16 +8,18 @@ inlining: callers run the head of ``f`` inline and call this part for the rest),
 only from ``f`` itself); ``f.localalias`` (an alias of ``f`` at the same address).
 
 A caller of a clone never passes through ``f``'s entry, so redirecting ``f`` alone leaves it on the old code;
-and a clone has its own calling convention, so it cannot simply be sent to ``f``'s replacement. ``build``
-therefore refuses a patch that replaces ``f`` but not its clones, unless the patch replaces them too (a
-replacement with the clone's symbol, ``__asm__("f.part.0")``) or the user allows it (``--allow-clones``:
-callers of the clones may keep the old code). ``.cold`` parts and ``.localalias`` aliases switch with ``f``.
+and a clone has in general its own calling convention, so it cannot simply be sent to ``f``'s replacement. A
+clone that is a whole copy of ``f`` (the same code, :func:`hotpatch.x86.samecode.same_code`) has ``f``'s
+convention and is: it is redirected to ``f``'s replacement too. For the others ``build`` refuses a patch that
+replaces ``f`` but not them, unless the patch replaces them too (a replacement with the clone's symbol,
+``__asm__("f.part.0")``) or the user allows it (``--allow-clones``: callers of the clones may keep the old
+code). ``.cold`` parts and ``.localalias`` aliases switch with ``f``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ..elf.cxxnames import pretty
 from ..errors import BuildError
@@ -54,16 +56,24 @@ def _kind(clone: str) -> str:
     return _KINDS[m.group(1)] if m else "a part"
 
 
-def check_clones(replaced: list[str], symbols: Iterable[str], target: str, allow: bool) -> list[str]:
-    """Notes on the clones of the ``replaced`` functions among the target's function ``symbols``; raises
-    BuildError naming the clones a patch leaves alone (their callers would keep the old code) unless ``allow``.
-    A clone of a clone (``f.part.0.cold``, the cold part of a clone the patch replaces) needs nothing."""
+def check_clones(
+    replaced: list[str], symbols: Iterable[str], target: str, allow: bool, whole: Callable[[str, str], bool]
+) -> tuple[list[str], dict[str, str]]:
+    """Notes on the clones of the ``replaced`` functions among the target's function ``symbols``, and the
+    clones that are whole copies (``whole(base, clone)``), to be sent to their base's replacement (clone ->
+    base). Raises BuildError naming the clones a patch leaves alone (their callers would keep the old code)
+    unless ``allow``. A clone of a clone (``f.part.0.cold``, the cold part of a clone the patch replaces)
+    needs nothing."""
     notes, missing = [], []
+    copies: dict[str, str] = {}
     done = set(replaced)
     for base, clones in sorted(clones_of(replaced, symbols).items()):
         for c in clones:
             if c in done or switches_with_parent(c) or (c.endswith(".cold") and c[: -len(".cold")] in done):
                 notes.append(f"{c} switches with {pretty(base)}" if c not in done else f"{c} is replaced too")
+            elif whole(base, c):
+                copies[c] = base
+                notes.append(f"{c} is a whole copy of {pretty(base)}: redirected to its replacement too")
             else:
                 missing.append((base, c))
     if missing and not allow:
@@ -74,4 +84,4 @@ def check_clones(replaced: list[str], symbols: Iterable[str], target: str, allow
             "--allow-clones if their callers may keep the old code"
         )
     notes += [f"{c} left alone: its callers keep the old code (--allow-clones)" for _, c in missing]
-    return notes
+    return notes, copies

@@ -25,7 +25,9 @@ class Function(NamedTuple):
     (:func:`hotpatch.x86.prologue.analyze`) rides along: ``site_offset`` (0, or 4 after ``endbr64``), the
     ``lengths`` of the overwritten instructions, and whether they are ``position_dependent``; ``apply`` reuses
     it once the hash proved the bytes are the same. ``slots``: the link-time addresses of the vtable words that
-    hold the function's address (:func:`hotpatch.elf.vtables.vtable_slots`), redirected with it."""
+    hold the function's address (:func:`hotpatch.elf.vtables.vtable_slots`), redirected with it.
+    ``replacement``: the patch's function calls go to when it is not ``symbol`` (a compiler clone that is a whole
+    copy of a replaced function, :mod:`hotpatch.patch.clones`)."""
 
     symbol: str
     value: int
@@ -38,6 +40,7 @@ class Function(NamedTuple):
     klass: str = "ordinary"  # the site class (hotpatch.x86.sites), decided with the whole target file at hand
     padding: str = ""  # hex of the 5 bytes before the entry in the target file (short-jump classes only)
     slots: tuple[int, ...] = ()  # link-time addresses of the vtable words holding its address (elf.vtables)
+    replacement: str = ""  # the patch's symbol calls go to, when not ``symbol`` (a clone: patch/clones.py)
 
     @property
     def analysis_trusted(self) -> bool:
@@ -141,6 +144,7 @@ class Manifest(NamedTuple):
                 and isinstance(f.padding, str)
                 and re.fullmatch(r"([0-9a-f]{10})?", f.padding) is not None
                 and all(isinstance(a, int) and not isinstance(a, bool) and a > 0 for a in f.slots)
+                and isinstance(f.replacement, str)
                 for f in self.functions
             )
         )
