@@ -4,6 +4,7 @@ demangled names, patch versions, on g++ -O2 builds with and without -fcf-protect
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from hotpatch.elf.cxxnames import find_symbol, pretty
 from hotpatch.elf.image import open_elf
 from hotpatch.elf.vtables import vtable_slots
 from hotpatch.errors import SymbolError
+from test_statics import split_debug
 
 GREET = "_ZN7Greeter5greetEl"
 ORIGINAL = ["Hello, from C++ member function! 42", "Hello, from C function! 42", "greet 42 42"]
@@ -174,3 +176,16 @@ def test_vtable_slots(tmp_path: Path, flags: tuple[str, ...]) -> None:
         assert vtable.value < found[greet.value][0] < vtable.value + vtable.size
     finally:
         img.close()
+
+
+def test_stripped_target_with_debug_file(tmp_path: Path) -> None:
+    """A stripped C++ executable: its functions and vtables are named by its separate debug file, so the
+    virtual function's slot is found as in the unstripped file."""
+    exe = compile_program(TARGETS / "cxx_demo.cc", tmp_path / "cxx_demo", "-I", str(TARGETS))
+    split_debug(exe, tmp_path / "debug")
+    src = tmp_path / "p.cc"
+    src.write_text((TARGETS / "cxx_demo_patch.cc").read_text().replace("@VERSION@", "1"))
+    (tmp_path / "cxx_demo.h").write_text((TARGETS / "cxx_demo.h").read_text())
+    env = {**os.environ, "HOTPATCH_DEBUG_DIR": str(tmp_path / "debug")}
+    res = run_cli("build", src, "--target", exe, "-o", tmp_path / "p.hp", "--function", GREET, env=env)
+    assert res.returncode == 0 and "replaces Greeter::greet(long) (and 1 vtable slot)" in res.stdout, res.stdout

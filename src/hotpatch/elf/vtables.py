@@ -6,16 +6,18 @@ and running an inlined copy of its body when they are equal. Redirecting the fun
 that inlined copy in use; changing the slot as well sends both kinds of call to the replacement.
 
 Vtables are the objects named ``_ZTV<type>`` (Itanium C++ ABI §5.1.5, "vtable for T") in ``.dynsym`` or
-``.symtab``. In a position-independent module their words are filled at load time by dynamic relocations
-(System V psABI: ``R_X86_64_RELATIVE``/``R_386_RELATIVE``, B + A; ``R_X86_64_64``/``R_386_32``, S + A, for
-a function the module exports); in a fixed-address executable (``ET_EXEC``) the words are in the file. A word
-of a vtable equal to the function's link-time address is one of its slots. (Relocation type numbers are the
-same in both psABIs: RELATIVE 8, 64/32 1.)
+``.symtab``, or in the module's separate debug file when it is stripped. In a position-independent module
+their words are filled at load time by dynamic relocations (System V psABI: ``R_X86_64_RELATIVE``/
+``R_386_RELATIVE``, B + A; ``R_X86_64_64``/``R_386_32``, S + A, for a function the module exports); in a
+fixed-address executable (``ET_EXEC``) the words are in the file. A word of a vtable equal to the function's
+link-time address is one of its slots. (Relocation type numbers are the same in both psABIs: RELATIVE 8,
+64/32 1.) A stripped module without a debug file names no vtable: its slots are then not found, and only the
+entry is redirected.
 """
 
 from __future__ import annotations
 
-from .image import ET_DYN, ElfImage, Rela
+from .image import ET_DYN, ElfImage, Rela, Symbol
 
 R_RELATIVE, R_ABSOLUTE = 8, 1
 VTABLE_PREFIX = "_ZTV"
@@ -37,10 +39,22 @@ def _word_at(image: ElfImage, place: int, rel: Rela | None) -> int | None:
     return None
 
 
-def vtable_slots(image: ElfImage, values: set[int]) -> dict[int, list[int]]:
+def vtable_symbols(*images: ElfImage) -> list[Symbol]:
+    """The vtable objects (``_ZTV…``, with a size) the images name: a module, and its separate debug file
+    (a stripped executable keeps none in ``.dynsym``)."""
+    found: dict[str, Symbol] = {}
+    for img in images:
+        for s in img.defined_symbols(VTABLE_PREFIX):
+            if s.kind == "object" and s.size:
+                found.setdefault(s.name, s)
+    return list(found.values())
+
+
+def vtable_slots(image: ElfImage, values: set[int], vtables: list[Symbol] | None = None) -> dict[int, list[int]]:
     """For each link-time function address of ``values``, the link-time addresses of the vtable words of
-    ``image`` that hold it (sorted; absent when none). Raises PatchFileError for a corrupt file."""
-    vtables = [s for s in image.defined_symbols(VTABLE_PREFIX) if s.kind == "object" and s.size]
+    ``image`` that hold it (sorted; absent when none); ``vtables``: the vtable objects to look in (default:
+    :func:`vtable_symbols` of ``image``). Raises PatchFileError for a corrupt file."""
+    vtables = vtable_symbols(image) if vtables is None else vtables
     if not vtables or not values:
         return {}
     word = image.bitness // 8

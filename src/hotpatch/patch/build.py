@@ -24,7 +24,7 @@ from typing import NamedTuple
 from ..elf.cxxnames import find_symbol, pretty
 from ..elf.debugfile import open_debug_file
 from ..elf.image import ElfImage, Symbol, open_elf
-from ..elf.vtables import vtable_slots
+from ..elf.vtables import vtable_slots, vtable_symbols
 from ..errors import BuildError, HotpatchError
 from ..x86.samecode import same_code
 from ..x86.sites import IFUNC
@@ -213,10 +213,12 @@ def _replaced_functions(
     target_funcs = tgt_image.function_symbols()
     build_id = tgt_image.build_id
     debug = open_debug_file(build_id) if build_id else None
-    if debug is not None:  # a stripped target's functions are named by its separate debug file
+    vtables = vtable_symbols(tgt_image)
+    if debug is not None:  # a stripped target's functions and vtables are named by its separate debug file
         try:
             for n, sym in debug.function_symbols().items():
                 target_funcs.setdefault(n, sym)
+            vtables = vtable_symbols(tgt_image, debug)
         finally:
             debug.close()
     ranges = function_ranges(tgt_image)
@@ -233,7 +235,7 @@ def _replaced_functions(
     if notes is not None:
         notes += found
     chosen = sorted([*chosen, *copies])
-    slots = vtable_slots(tgt_image, {target_funcs[n].value for n in chosen})
+    slots = vtable_slots(tgt_image, {target_funcs[n].value for n in chosen}, vtables)
     out: list[Function] = []
     for name in chosen:
         orig = target_funcs[name]
