@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,9 @@ __all__ = [
 ]
 
 TARGETS = Path(__file__).parent / "targets"
+# hotpatch's home (trusted repository, verified cache) for the whole run: an empty one, so no test depends on
+# what this machine trusts in /var/lib/hotpatch; the repository tests give each run_cli a home of their own
+os.environ["HOTPATCH_HOME"] = tempfile.mkdtemp(prefix="hotpatch-home-")
 
 # For scripts that inject into thread ``tid`` of ``pid`` (names they define, with remote, read_maps, Memory and
 # World imported): finds the stub area and prints it, stops the thread, makes ``inject``.

@@ -41,6 +41,7 @@ from .process import remote
 from .process.maps import Mapping, gap_candidates, read_maps
 from .process.memory import Memory
 from .process.remote import Injector, SyscallError
+from .registry.client import check_signature
 from .state import PatchRecord, Record, SiteRecord
 from .transaction import CommitReport, SiteChange, Transaction
 from .x86.selfloop import SELF_LOOP
@@ -275,6 +276,7 @@ class Target:
             raise HotpatchError("--consistency stack switches with every thread stopped: use --protocol auto")
         deadline = time.monotonic() + timeout_s
         pf = patch if isinstance(patch, PatchFile) else PatchFile(patch)
+        check_signature(pf)
         man = pf.manifest
         if pf.bitness != self.bitness:
             raise PatchFileError(

@@ -215,7 +215,7 @@ def _report_all(results: list[Any], as_json: bool) -> None:
 
 @main.command()
 @_targets
-@click.argument("patch", type=click.Path(dir_okay=False))
+@click.argument("patch", type=click.Path(dir_okay=False), required=False)
 @_PROTOCOL_OPTION
 @_choice(
     "--consistency",
@@ -243,13 +243,23 @@ def _report_all(results: list[Any], as_json: bool) -> None:
     multiple=True,
     help="With --via got: only the slots of this module (file name, e.g. libfoo.so.1); repeat for several.",
 )
+@click.option(
+    "--from-repo",
+    "from_repo",
+    is_flag=True,
+    help="Apply the newest verified patches of the repository "
+    "(read by the last 'hotpatch update') that match the process's modules, each only when newer.",
+)
+@click.option("--all", "all_", is_flag=True, help="With --from-repo: every process that maps a patched module.")
 @guarded
 def apply(
     pid: int | None,
     exe: str | None,
     build_id: str | None,
     as_json: bool,
-    patch: str,
+    from_repo: bool,
+    all_: bool,
+    patch: str | None,
     protocol: str,
     consistency: str,
     timeout_s: float,
@@ -265,8 +275,14 @@ def apply(
     from .every import apply_one, run_all
     from .patch.bundle import PatchFile
 
-    pf = PatchFile(patch)
     options = ApplyOptions(protocol, consistency, timeout_s, via, importers)
+    if from_repo or all_:
+        _apply_from_repo(patch, pid, exe, build_id, all_, options, as_json)
+        return
+    if patch is None:
+        _fail("give a PATCH file, or --from-repo", 2)
+    assert patch is not None
+    pf = PatchFile(patch)
     pids = _chosen_pids(pid, exe, build_id)
     if pids is not None:
         if build_id is not None and build_id.lower() != pf.manifest.build_id:
@@ -295,6 +311,30 @@ def apply(
         + ", ".join(parts)
         + f" ({_pause(rep.protocol, rep.threads, rep.pause_us)})"
     )
+
+
+def _apply_from_repo(
+    patch: str | None, pid: int | None, exe: str | None, build_id: str | None, all_: bool, options: Any, as_json: bool
+) -> None:
+    """``apply --from-repo (--pid PID | --all)``: the newest verified patches for the modules mapped."""
+    from functools import partial
+
+    from .every import apply_repo_one, processes_mapping_build, run_all
+    from .registry.client import cached, newest_for
+
+    if patch is not None or exe is not None or build_id is not None or (pid is None) == (not all_):
+        _fail("--from-repo takes --pid PID or --all, and no PATCH file", 2)
+    published = cached()
+    chosen = newest_for({p.build_id for p in published}, published)
+    pids = (
+        [pid]
+        if pid is not None
+        else sorted({q for b in {p.build_id for p in chosen} for q in processes_mapping_build(b)})
+    )
+    if not pids:
+        _fail("no running process maps a module the repository has patches for")
+    pairs = [(p.build_id, p.path) for p in chosen]
+    _report_all(run_all(pids, partial(apply_repo_one, pairs, options)), as_json)
 
 
 @main.command()
@@ -394,6 +434,99 @@ def scan(files: tuple[str, ...], as_json: bool, functions: bool) -> None:
         return
     for r in results:
         click.echo("\n".join(r.report(functions)))
+
+
+@main.group()
+def repo() -> None:
+    """Manage a signed patch repository (The Update Framework): init, add, remove, keys, refresh."""
+
+
+@repo.command("init")
+@click.argument("directory", type=click.Path(file_okay=False))
+@guarded
+def repo_init(directory: str) -> None:
+    """Create a repository in DIRECTORY (its keys in DIRECTORY/keys, what to publish in DIRECTORY/public)."""
+    from .registry.repo import init
+
+    root = init(directory)
+    click.echo(f"created repository {directory}; publish {directory}/public; clients trust {root} (update --root)")
+
+
+@repo.command("add")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("patch", type=click.Path(dir_okay=False))
+@click.option("--about", default="", help="What the patch fixes, shown by 'hotpatch list'.")
+@guarded
+def repo_add(directory: str, patch: str, about: str) -> None:
+    """Sign PATCH with the repository's targets key and publish it."""
+    from .registry.repo import add
+
+    path, custom = add(directory, patch, about)
+    click.echo(
+        f"published {path}: patch {custom['name']} version {custom['version']} for build-id {custom['build_id']}"
+    )
+
+
+@repo.command("remove")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("name")
+@guarded
+def repo_remove(directory: str, name: str) -> None:
+    """Withdraw every version of patch NAME."""
+    from .registry.repo import remove
+
+    click.echo(f"withdrew {', '.join(remove(directory, name))}")
+
+
+@repo.command("keys")
+@click.argument("directory", type=click.Path(file_okay=False))
+@guarded
+def repo_keys(directory: str) -> None:
+    """Show the key ids each role of the repository trusts."""
+    from .registry.repo import keys
+
+    for role, ids in keys(directory).items():
+        click.echo(f"{role}: {', '.join(ids)}")
+
+
+@repo.command("refresh")
+@click.argument("directory", type=click.Path(file_okay=False))
+@guarded
+def repo_refresh(directory: str) -> None:
+    """Re-sign the snapshot and timestamp (a timestamp expires after one day)."""
+    from .registry.repo import refresh
+
+    refresh(directory)
+    click.echo(f"re-signed the snapshot and timestamp of {directory}")
+
+
+@main.command()
+@click.option("--repo", "repo_url", help="Repository: an http(s) URL or a directory (default: the last one).")
+@click.option("--root", type=click.Path(dir_okay=False), help="Root metadata to trust (the first time).")
+@guarded
+def update(repo_url: str | None, root: str | None) -> None:
+    """Read the repository through TUF and fetch its patches, verified."""
+    from .registry.client import update as do_update
+
+    patches = do_update(repo_url, root)
+    click.echo(f"{len(patches)} patches verified" + "".join(f"\n  {p.name} version {p.version}" for p in patches))
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@guarded
+def list_(as_json: bool) -> None:
+    """Show every patch of the last verified repository read: name, version, build-id, functions, about."""
+    from .elf.cxxnames import pretty
+    from .registry.client import cached
+
+    patches = cached()
+    if as_json:
+        click.echo(json.dumps([p._asdict() for p in patches], indent=2))
+        return
+    for p in patches:
+        click.echo(f"{p.name} version {p.version} for {p.file} (build-id {p.build_id}): {p.about}")
+        click.echo("  replaces " + ", ".join(pretty(f) for f in p.functions))
 
 
 if __name__ == "__main__":

@@ -191,3 +191,25 @@ def revert_one(name: str | None, protocol: str, pid: int) -> tuple[str, str]:
     if not reps:
         return "not-applied", "no patch applied"
     return "reverted", ", ".join(f"patch {r.name} version {r.version}" for r in reps)
+
+
+def apply_repo_one(patches: list[tuple[str, str]], options: ApplyOptions, pid: int) -> tuple[str, str]:
+    """Apply to ``pid`` the newest published version of each patch whose build-id it maps (``patches``:
+    (build-id, verified file path) pairs, as :func:`hotpatch.registry.client.newest_for` chose them): each
+    only when newer than the applied one. ``applied``/``upgraded`` when one was, else ``up-to-date``."""
+    from .registry.client import build_ids_of
+
+    mapped = build_ids_of(pid)
+    done, outcome = [], "up-to-date"
+    for build_id, path in patches:
+        if build_id not in mapped:
+            continue
+        try:
+            result, message = apply_one(path, options, pid)
+        except UpToDateError:
+            continue
+        done.append(message)
+        outcome = "upgraded" if result == "upgraded" or outcome == "upgraded" else "applied"
+    if gone(pid):
+        return "exited", "exited during the operation"
+    return outcome, "; ".join(done) or "every published patch is applied"

@@ -49,6 +49,7 @@ from .patch.manifest import Function
 from .planner import place, plan_sites, plan_slots
 from .process.maps import PAGE, gap_candidates, page_down, read_maps
 from .process.memory import Memory
+from .registry.client import check_signature
 from .state import Record
 from .transaction import ChangeSet, CommitReport, SiteChange, check_bytes
 from .x86.selfloop import MEMBARRIER_REGISTER_SYNC_CORE, MEMBARRIER_SYNC_CORE, key_fits
@@ -232,6 +233,7 @@ class SelfTarget:
         that cannot be made with one store), SymbolError, PatchFileError, TargetError; nothing changed then."""
         global _record
         pf = patch if isinstance(patch, PatchFile) else PatchFile(patch)
+        check_signature(pf)
         man = pf.manifest
         if pf.bitness != 64:
             raise PatchFileError(f"{pf.where} is a patch for {man.arch}; this process is x86-64")

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from ..elf.image import ET_DYN, STB_WEAK, ElfImage, Symbol
 from ..errors import PatchFileError
+from . import signature
 from .manifest import SECTION, Manifest
 
 R_X86_64_NONE = 0
@@ -133,7 +134,8 @@ class PatchBinary:
 
 
 class PatchFile(PatchBinary):
-    """A patch file as ``apply`` reads it: the shared object plus its validated manifest.
+    """A patch file as ``apply`` reads it: the shared object plus its validated manifest, and ``signed``: its
+    ELF bytes and the Ed25519 signature it may carry (:mod:`.signature`).
 
     Raises PatchFileError when the file is missing, corrupt, truncated, for another architecture, lacks a
     manifest, or its loadable content does not match the manifest's hash.
@@ -147,7 +149,8 @@ class PatchFile(PatchBinary):
             raise PatchFileError(f"cannot read patch file {path}: {e.strerror}") from None
         if data[:4] != b"\x7fELF":
             raise PatchFileError(f"{path} is not a patch file (not an ELF shared object)")
-        super().__init__(data, path)
+        self.signed = signature.split(data, path)  # the ELF bytes, and the signature a repository added
+        super().__init__(self.signed.elf, path)
         raw = self.section(SECTION)
         if raw is None:
             raise PatchFileError(f"{path} has no hotpatch manifest (section {SECTION}); build it with 'hotpatch build'")
