@@ -77,6 +77,7 @@ class PatchStatus(NamedTuple):
     applied_at: str
     state: str
     sites: tuple[SiteStatus, ...]
+    origin: str = ""
 
 
 class Status(NamedTuple):
@@ -94,13 +95,15 @@ class Status(NamedTuple):
 
 class ApplyOptions(NamedTuple):
     """How :meth:`Target.apply` works, in its parameters' order: ``protocol`` (a key of PROTOCOLS),
-    ``consistency`` (none or stack), ``timeout_s`` (seconds), ``via`` (code or got) and ``importers``."""
+    ``consistency`` (none or stack), ``timeout_s`` (seconds), ``via`` (code or got), ``importers`` and
+    ``origin`` (the repository a patch comes from, recorded in the target)."""
 
     protocol: str = "auto"
     consistency: str = "none"
     timeout_s: float = 30.0
     via: str = "code"
     importers: tuple[str, ...] = ()
+    origin: str = ""
 
 
 class Report:
@@ -242,6 +245,7 @@ class Target:
                     p.applied_at,
                     statemod.site_status(self.mem, p),
                     tuple(_site_status(s) for s in p.sites),
+                    p.origin,
                 )
             )
         return Status(self.pid, tuple(out), tuple((r[0], r[1]) for r in record.retired if len(r) == 2))
@@ -255,6 +259,7 @@ class Target:
         timeout_s: float = 30.0,
         via: str = "code",
         importers: tuple[str, ...] = (),
+        origin: str = "",
     ) -> Report:
         """Apply a patch (a :class:`PatchFile` or its path); a newer version replaces an older one of the
         same name in one transaction. ``protocol``: a key of PROTOCOLS. ``consistency``: ``none``, or
@@ -263,6 +268,7 @@ class Target:
         (:mod:`hotpatch.consistency`); ConsistencyTimeout when it never happens (nothing written). ``via``:
         ``code`` (redirect each function's entry), or ``got``: redirect the GOT slots of the modules importing
         them (those named in ``importers``, file names, when given) and change no code (:mod:`hotpatch.gotplan`).
+        ``origin``: recorded with the patch (the repository it came from, :mod:`hotpatch.registry.agent`).
 
         Raises UpToDateError when the same or a newer version is applied; MismatchError for another build or
         changed bytes; SiteError, SymbolError, PatchFileError, TargetError as their names say. The target is
@@ -339,6 +345,7 @@ class Target:
                 modules.close()
             assert state_addr is not None
             rec = build_record(man, module.path, region, layout.size, placed, slots, self.bitness)
+            rec = rec._replace(origin=origin)
             base = region - layout.min_vaddr
             got_records = [_got_record(g, base + pf.symbols[g.function.symbol].value, self.bitness) for g in got]
             rec = rec._replace(sites=rec.sites + got_records)

@@ -320,7 +320,7 @@ def _apply_from_repo(
     from functools import partial
 
     from .every import apply_repo_one, processes_mapping_build, run_all
-    from .registry.client import cached, newest_for
+    from .registry.client import cached, newest_for, repository_id
 
     if patch is not None or exe is not None or build_id is not None or (pid is None) == (not all_):
         _fail("--from-repo takes --pid PID or --all, and no PATCH file", 2)
@@ -334,7 +334,7 @@ def _apply_from_repo(
     if not pids:
         _fail("no running process maps a module the repository has patches for")
     pairs = [(p.build_id, p.path) for p in chosen]
-    _report_all(run_all(pids, partial(apply_repo_one, pairs, options)), as_json)
+    _report_all(run_all(pids, partial(apply_repo_one, pairs, options._replace(origin=repository_id()))), as_json)
 
 
 @main.command()
@@ -510,6 +510,19 @@ def update(repo_url: str | None, root: str | None) -> None:
 
     patches = do_update(repo_url, root)
     click.echo(f"{len(patches)} patches verified" + "".join(f"\n  {p.name} version {p.version}" for p in patches))
+
+
+@main.command()
+@click.option("--repo", "repo_url", help="Repository: an http(s) URL or a directory (default: the last one).")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=30.0, show_default=True, help="Seconds per round.")
+@click.option("--audit", type=click.Path(dir_okay=False), help="Append the JSON audit lines here (default: stderr).")
+@click.option("--metrics", help="Serve Prometheus metrics on this loopback HOST:PORT (e.g. 127.0.0.1:9464).")
+@guarded
+def agent(repo_url: str | None, interval: float, audit: str | None, metrics: str | None) -> None:
+    """Keep every process of this host in line with the repository: apply, upgrade, revert; until SIGTERM."""
+    from .registry.agent import main as run_agent
+
+    run_agent(repo_url, interval, audit, metrics)
 
 
 @main.command("list")

@@ -73,7 +73,8 @@ class SiteRecord(NamedTuple):
 
 class PatchRecord(NamedTuple):
     """An applied patch: identity, target module, when (UTC ISO 8601), memory regions ``[addr, size]``
-    mapped for it, and its sites."""
+    mapped for it, its sites, and its ``origin``: the identity of the repository it came from
+    (:func:`hotpatch.registry.client.repository_id`), empty for a patch applied from a file."""
 
     name: str
     version: int
@@ -82,6 +83,7 @@ class PatchRecord(NamedTuple):
     applied_at: str
     regions: list[list[int]]
     sites: list[SiteRecord]
+    origin: str = ""
 
     @staticmethod
     def from_dict(doc: dict[str, Any]) -> PatchRecord:

@@ -175,28 +175,40 @@ def cached() -> list[Published]:
     """The patches of the last successful ``update`` (read from the verified cache, no network). Raises
     RepoTrustError when there was none."""
     from tuf.api.metadata import Metadata, Targets
+    from tuf.api.serialization import DeserializationError
 
     h = home()
+    path = h / "metadata" / "targets.json"
     try:
-        md = Metadata[Targets].from_file(str(h / "metadata" / "targets.json"))
-    except (OSError, ValueError):
+        if not path.is_file():
+            raise OSError
+        md = Metadata[Targets].from_file(str(path))
+    except (OSError, ValueError, DeserializationError):
         raise RepoTrustError(f"no repository has been read yet ({h}); run 'hotpatch update --repo …'") from None
     return [_published(p, t, str(h / "targets" / p)) for p, t in sorted(md.signed.targets.items())]
 
 
 def signing_keys() -> list[Any] | None:
     """The keys patches must be signed with on this host: the targets keys of the newest verified root (or of
-    the trusted root before any update); None when this host trusts no repository (signatures not required)."""
+    the trusted root before any update); None when this host trusts no repository (signatures not required).
+    Raises RepoTrustError when it trusts one whose root cannot be read (no patch is accepted then)."""
     from tuf.api.metadata import Metadata, Root
 
     h = home()
-    for path in (h / "metadata" / "root.json", h / "trust" / "root.json"):
+    from tuf.api.serialization import DeserializationError
+
+    trust = h / "trust" / "root.json"
+    if not trust.is_file():
+        return None
+    for path in (h / "metadata" / "root.json", trust):
+        if not path.is_file():
+            continue
         try:
             root = Metadata[Root].from_file(str(path)).signed
-        except (OSError, ValueError):
+        except (OSError, ValueError, DeserializationError):
             continue
         return [root.keys[k] for k in root.roles["targets"].keyids]
-    return None
+    raise RepoTrustError(f"the trusted root metadata in {trust.parent} cannot be read; give it again with --root")
 
 
 def check_signature(pf: PatchFile) -> None:
@@ -205,6 +217,18 @@ def check_signature(pf: PatchFile) -> None:
     keys = signing_keys()
     if keys is not None:
         signature.verify(pf.signed, pf.where, keys)
+
+
+def repository_id() -> str:
+    """The identity of the repository this host trusts: the first 16 hex digits of the SHA-256 of its trusted
+    root metadata (HOME/trust/root.json); "" when it trusts none. Recorded with each patch the repository's
+    patches are applied with, so the agent reverts only those."""
+    import hashlib
+
+    try:
+        return hashlib.sha256((home() / "trust" / "root.json").read_bytes()).hexdigest()[:16]
+    except OSError:
+        return ""
 
 
 def newest_for(build_ids: set[str], patches: list[Published]) -> list[Published]:
@@ -217,8 +241,12 @@ def newest_for(build_ids: set[str], patches: list[Published]) -> list[Published]
     return sorted(best.values(), key=lambda p: (p.name, p.build_id))
 
 
-def build_ids_of(pid: int) -> set[str]:
-    """The GNU build-ids of the ELF files process ``pid`` maps (unreadable ones skipped)."""
+_BUILD_IDS: dict[tuple[str, int, int, int], str | None] = {}  # (path, dev, inode, mtime) -> build-id
+
+
+def build_ids_of(pid: int, names: set[str] | None = None) -> set[str]:
+    """The GNU build-ids of the ELF files process ``pid`` maps (only those whose file name is in ``names``, when
+    given); unreadable ones skipped. Each file's build-id is read once per (device, inode, mtime)."""
     from ..elf.image import open_elf
 
     out: set[str] = set()
@@ -228,15 +256,27 @@ def build_ids_of(pid: int) -> set[str]:
     except OSError:
         return out
     for path in paths:
-        try:
-            img = open_elf(f"/proc/{pid}/root{path}", "module")
-        except HotpatchError:
+        if names is not None and os.path.basename(path) not in names:
             continue
+        real = f"/proc/{pid}/root{path}"
         try:
-            if img.build_id:
-                out.add(img.build_id)
-        except HotpatchError:
-            pass
-        finally:
-            img.close()
+            st = os.stat(real)
+        except OSError:
+            continue
+        key = (path, st.st_dev, st.st_ino, st.st_mtime_ns)
+        if key not in _BUILD_IDS:
+            try:
+                img = open_elf(real, "module")
+            except HotpatchError:
+                _BUILD_IDS[key] = None
+                continue
+            try:
+                _BUILD_IDS[key] = img.build_id
+            except HotpatchError:
+                _BUILD_IDS[key] = None
+            finally:
+                img.close()
+        build_id = _BUILD_IDS[key]
+        if build_id:
+            out.add(build_id)
     return out
