@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,7 +49,8 @@ class Fleet:
         self.tmp, self.procs = tmp, procs
         self.env = {**os.environ, "HOTPATCH_HOME": str(tmp / "home")}
         self.repo = tmp / "repo"
-        self.exe = compile_program(TARGETS / "calc.c", tmp / "calc")
+        # a build-id of its own: --all and the agent look at every process of the machine
+        self.exe = compile_program(TARGETS / "calc.c", tmp / "calc", f"-Wl,--build-id=0x{uuid.uuid4().hex}")
         self.cli("repo", "init", self.repo)
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"

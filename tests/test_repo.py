@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ class Host:
         self.tmp = tmp
         self.env = {**os.environ, "HOTPATCH_HOME": str(tmp / "home")}
         self.repo = tmp / "repo"
-        self.exe = compile_program(TARGETS / "calc.c", tmp / "calc")
+        # a build-id of its own: --all and the agent look at every process of the machine
+        self.exe = compile_program(TARGETS / "calc.c", tmp / "calc", f"-Wl,--build-id=0x{uuid.uuid4().hex}")
         self.procs = procs
         ok = self.cli("repo", "init", self.repo)
         assert "clients trust" in ok
@@ -74,8 +76,11 @@ def test_publish_update_list_apply(host: Host) -> None:
 
     host.cli("repo", "add", host.repo, host.patch(200, 2))
     host.update()  # the repository is read again: seed 004's cache never was
-    assert "upgraded" in host.cli("apply", "--from-repo", "--pid", proc.pid)
-    assert ask(proc, 5) == 205
+    second = host.start()
+    out = host.cli("apply", "--from-repo", "--all")  # every process mapping the patched build: these two
+    assert f"PID {proc.pid} " in out and f"PID {second.pid} " in out, out
+    assert out.splitlines()[-1] == "2 processes: 1 applied, 1 upgraded", out
+    assert ask(proc, 5) == 205 and ask(second, 5) == 205
 
     # a patch file that did not come from the repository, or was changed: refused by its signature
     err = host.cli("apply", "--pid", proc.pid, host.patch(300, 3), fail=True)
