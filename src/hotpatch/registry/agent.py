@@ -14,9 +14,11 @@ any moment, even mid-apply, is simply started again (an apply cut short is rolle
 next command, DESIGN.md §5). Processes started later are found at the next round. Work on processes runs in
 parallel worker processes, parents before children (:mod:`hotpatch.every`).
 
-Every action is one JSON line in the audit log (``--audit FILE``, default stderr): time, action, PID, patch,
-version, outcome, message. ``--metrics ADDR`` serves Prometheus text format (prometheus_client) on a loopback
-address only.
+Every action is one JSON line in the audit log (``--audit FILE``, default stderr): ``time``; ``action``, what
+happened to a process (``applied``, ``upgraded``, ``reverted``, ``up-to-date``, ``not-applied``, ``exited``,
+``failed``; the same in ``outcome``), or ``update`` (a repository that did not verify), ``start``, ``stop``;
+``pid``; ``message``, with the patch names and versions. ``--metrics ADDR`` serves Prometheus text format
+(prometheus_client) on a loopback address only.
 """
 
 from __future__ import annotations
@@ -123,8 +125,7 @@ class Agent:
             pairs = [(p.build_id, p.path) for p in wanted]
             results += run_all(to_apply, partial(apply_repo_one, pairs, ApplyOptions(origin=self.origin)))
         for r in results:
-            self.log(r.outcome if r.outcome in ("applied", "upgraded", "reverted") else "act", pid=r.pid,
-                     outcome=r.outcome, message=r.message)  # fmt: skip
+            self.log(r.outcome, pid=r.pid, outcome=r.outcome, message=r.message)
         if self._counters is not None:
             self._counters["patched"].set(self._count_patched(by_build))
 
