@@ -49,11 +49,12 @@ class ProcessResult(NamedTuple):
         return self.outcome != "failed"
 
 
-def _pids() -> list[int]:
+def other_pids() -> list[int]:
+    """Every PID of /proc but this process's own, sorted."""
     return sorted(int(d) for d in os.listdir("/proc") if d.isdigit() and int(d) != os.getpid())
 
 
-def _mapped_paths(pid: int) -> set[str]:
+def mapped_paths(pid: int) -> set[str]:
     """The files ``pid`` maps (as /proc/PID/maps names them); empty when they cannot be read."""
     try:
         with open(f"/proc/{pid}/maps") as f:
@@ -68,7 +69,7 @@ def processes_mapping_file(path: str) -> list[int]:
     if not os.path.exists(path):
         raise TargetError(f"{path} does not exist")
     real = os.path.realpath(path)
-    return [pid for pid in _pids() if real in _mapped_paths(pid)]
+    return [pid for pid in other_pids() if real in mapped_paths(pid)]
 
 
 def processes_mapping_build(build_id: str) -> list[int]:
@@ -78,8 +79,8 @@ def processes_mapping_build(build_id: str) -> list[int]:
 
     ids: dict[str, str | None] = {}
     out = []
-    for pid in _pids():
-        for path in _mapped_paths(pid):
+    for pid in other_pids():
+        for path in mapped_paths(pid):
             if path not in ids:
                 try:
                     img = open_elf(f"/proc/{pid}/root{path}", "module")

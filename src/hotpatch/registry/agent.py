@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import sys
 import threading
 import time
@@ -33,6 +32,7 @@ from functools import partial
 from typing import IO, Any
 
 from ..errors import HotpatchError
+from ..every import other_pids
 from . import client
 
 INTERVAL_S = 30.0
@@ -135,7 +135,7 @@ class Agent:
         not published for the build-id its record names)."""
         to_apply: list[int] = []
         to_revert: dict[str, list[int]] = {}
-        for pid in _pids():
+        for pid in other_pids():
             applied = _applied(pid)
             if applied is None:
                 continue
@@ -150,15 +150,10 @@ class Agent:
 
     def _count_patched(self, by_build: dict[str, dict[str, int]]) -> int:
         count = 0
-        for pid in _pids():
+        for pid in other_pids():
             applied = _applied(pid) or {}
             count += any(name in by_build.get(build_id, {}) for name, (_, build_id, _) in applied.items())
         return count
-
-
-def _pids() -> list[int]:
-    me = os.getpid()
-    return sorted(int(d) for d in os.listdir("/proc") if d.isdigit() and int(d) != me)
 
 
 def _applied(pid: int) -> dict[str, tuple[int, str, str]] | None:

@@ -248,13 +248,10 @@ def build_ids_of(pid: int, names: set[str] | None = None) -> set[str]:
     """The GNU build-ids of the ELF files process ``pid`` maps (only those whose file name is in ``names``, when
     given); unreadable ones skipped. Each file's build-id is read once per (device, inode, mtime)."""
     from ..elf.image import open_elf
+    from ..every import mapped_paths
 
     out: set[str] = set()
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            paths = {line.split(None, 5)[5].rstrip("\n") for line in f if line.count(" ") >= 5 and "/" in line}
-    except OSError:
-        return out
+    paths = mapped_paths(pid)
     for path in paths:
         if names is not None and os.path.basename(path) not in names:
             continue
