@@ -29,14 +29,21 @@ worst apply and revert times and ``pause_us``, hotpatch errors, crashes and wron
 (old / new), the call rates, and the state at the end. ``--time-limit`` stops a protocol after that many
 seconds (the table says how many cycles ran).
 
+``--targets N`` runs each protocol's cycles against N such targets at once, each with its own tool (a forked
+worker of this process, as N operators would), ``--cycles`` split between them: a protocol's time is mostly
+spent waiting for nice-19 threads to be sampled, so N targets give nearly N times the cycles per second on
+the same machine. The table then sums cycles, errors, deaths and values over the targets, gives the time of the
+slowest, and the call rates per target (calls summed over targets, divided by seconds summed).
+
 Usage: ``python benchmarks/bench_cycles.py [--cycles 1000] [--protocols no-stop,rolling,stop-the-world]
-[--time-limit S] [--segment-s 30] [--baseline-s 1] [--progress]``.
+[--targets 1] [--time-limit S] [--segment-s 30] [--baseline-s 1] [--progress]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import multiprocessing
 import os
 import re
 import resource
@@ -206,9 +213,10 @@ class Rate:
         return self.calls / self.seconds if self.seconds else float("nan")
 
 
-def run_protocol(protocol: str, exe: Path, patch: Path, procs: Procs, args: argparse.Namespace) -> dict:
+def run_protocol(protocol: str, exe: Path, patch: Path, procs: Procs, args: argparse.Namespace,
+                 label: str) -> dict:
     """The cycles of one protocol against a fresh target, in segments of ``--segment-s`` seconds with the
-    call-rate baselines between them; the figures for the table."""
+    call-rate baselines between them; the figures for the table. ``label`` names it in progress lines."""
     import hotpatch
     from hotpatch.errors import HotpatchError
 
@@ -276,19 +284,57 @@ def run_protocol(protocol: str, exe: Path, patch: Path, procs: Procs, args: argp
                 r["seen_old"] += old1 - old0
                 r["seen_new"] += new1 - new0
             if args.progress:
-                print(f"{protocol}: {done} cycles in {wall:.0f} s, {done / wall:.1f}/s, {len(r['errors'])} errors, "
+                print(f"{label}: {done} cycles in {wall:.0f} s, {done / wall:.1f}/s, {len(r['errors'])} errors, "
                       f"{len(r['deaths'])} target deaths", file=sys.stderr, flush=True)
         r["wall_s"], r["cycles"] = wall, done
         st = handle.status()
         r["left_applied"], r["retained"] = len(st.patches), len(st.retained)
     finally:
         handle.close()
-    r["rate_idle"], r["rate_busy"], r["rate_cycles"] = idle.per_s(), busy.per_s(), cycling.per_s()
-    r["health"] = tgt.health()
+    r["rates"] = {name: (rate.calls, rate.seconds) for name, rate in
+                  (("idle", idle), ("busy", busy), ("cycles", cycling))}
+    r["health"] = [tgt.health()]
     r["maps"] = (tgt.maps0, tgt.maps())
     r["rss"] = (tgt.rss0, tgt.rss_kib())
-    r["exit"] = tgt.quit()
+    r["exit"] = [tgt.quit()]
     return r
+
+
+def _worker(protocol: str, exe: Path, patch: Path, args: argparse.Namespace, label: str) -> dict:
+    """One target's share of a protocol's cycles, in a forked worker with a tool and a reaper of its own."""
+    with Procs() as procs:
+        return run_protocol(protocol, exe, patch, procs, args, label)
+
+
+def merge(parts: list[dict]) -> dict:
+    """The figures of several targets run at once, as one: counts and lists summed, the time of the slowest,
+    call rates as calls summed over seconds summed (a rate per target), mappings and RSS summed."""
+    r: dict = {"wall_s": max(p["wall_s"] for p in parts), "rates": {}}
+    for key in ("errors", "deaths", "apply_ms", "revert_ms", "pause_us", "left_traced", "health", "exit"):
+        r[key] = [x for p in parts for x in p[key]]
+    for key in ("bad_protocol", "seen_old", "seen_new", "cycles", "left_applied", "retained"):
+        r[key] = sum(p[key] for p in parts)
+    for key in ("maps", "rss"):
+        r[key] = (sum(p[key][0] for p in parts), sum(p[key][1] for p in parts))
+    for name in parts[0]["rates"]:
+        r["rates"][name] = (sum(p["rates"][name][0] for p in parts), sum(p["rates"][name][1] for p in parts))
+    return r
+
+
+def run_targets(protocol: str, exe: Path, patch: Path, procs: Procs, args: argparse.Namespace) -> dict:
+    """A protocol's cycles against ``--targets`` targets at once (one in this process when 1), merged."""
+    if args.targets == 1:
+        return run_protocol(protocol, exe, patch, procs, args, protocol)
+    shares = [args.cycles // args.targets + (i < args.cycles % args.targets) for i in range(args.targets)]
+    with multiprocessing.get_context("fork").Pool(args.targets) as pool:
+        jobs = [pool.apply_async(_worker, (protocol, exe, patch, argparse.Namespace(**{**vars(args), "cycles": n}),
+                                           f"{protocol}[{i}]")) for i, n in enumerate(shares)]
+        return merge([job.get() for job in jobs])
+
+
+def max_rss_mib() -> int:
+    """The largest resident set of this process or of a worker it waited for, MiB."""
+    return max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) // 1024
 
 
 def main() -> None:
@@ -297,6 +343,8 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=1000, help="apply/revert cycles per protocol (default 1000)")
     ap.add_argument("--protocols", default="no-stop,rolling,stop-the-world",
                     help="comma-separated (default: all three)")
+    ap.add_argument("--targets", type=int, default=1,
+                    help="targets cycled at once, each by its own worker; --cycles is split (default 1)")
     ap.add_argument("--time-limit", type=float, default=0,
                     help="stop a protocol after this many seconds (default: none; the table gives the count)")
     ap.add_argument("--segment-s", type=float, default=30.0,
@@ -308,6 +356,8 @@ def main() -> None:
     protocols = args.protocols.split(",")
     if any(p not in WANT for p in protocols):
         sys.exit(f"--protocols: each one of {', '.join(WANT)}")
+    if not 1 <= args.targets <= 16:
+        sys.exit("--targets: from 1 to 16")
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-cycles-") as tmpdir, Procs() as procs:
         tmp = Path(tmpdir)
@@ -315,11 +365,12 @@ def main() -> None:
         for p in protocols:
             src = PATCH_SOURCE[p]
             patch = hotpatch_build((TARGETS / src).read_text(), exe, tmp / f"{Path(src).stem}.hp", "prot")
-            results[p] = run_protocol(p, exe, patch, procs, args)
+            results[p] = run_targets(p, exe, patch, procs, args)
 
     print(f"`{command_line()}`  \n{machine()}; {THREADS} threads (nice 19) calling 5 functions in tight loops; "
-          f"--cycles {args.cycles}{f', --time-limit {args.time_limit:g} s' if args.time_limit else ''}; "
-          f"times median [p99, worst]; tool max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB"
+          f"--cycles {args.cycles}, {args.targets} target{'s' * (args.targets > 1)} at once"
+          f"{f', --time-limit {args.time_limit:g} s' if args.time_limit else ''}; "
+          f"times median [p99, worst]; tool max RSS {max_rss_mib()} MiB"
           "\n")
     rows = []
     for p, r in results.items():
@@ -329,6 +380,7 @@ def main() -> None:
             return f"{median(xs):.1f} [{pct(xs, 0.99):.1f}, {max(xs):.1f}]" if xs else "—"
 
         pause = r["pause_us"]
+        idle, busy, cycling = (calls / sec if sec else float("nan") for calls, sec in r["rates"].values())
         rows.append([
             f"{p} ({WANT[p]})", f"{n:,}", f"{r['wall_s']:.0f}", f"{n / r['wall_s']:.1f}", ms(r["apply_ms"]),
             ms(r["revert_ms"]),
@@ -338,17 +390,17 @@ def main() -> None:
             sum(kind == "wrong" for _, kind, _ in r["deaths"]),
             len(r["left_traced"]),
             f"{r['seen_old']:,} / {r['seen_new']:,}",
-            f"{r['rate_idle'] / 1e6:.1f} / {r['rate_busy'] / 1e6:.1f}",
-            f"{r['rate_cycles'] / 1e6:.1f} ({r['rate_cycles'] / r['rate_idle']:.2f}× idle, "
-            f"{r['rate_cycles'] / r['rate_busy']:.2f}× tool-busy)",
+            f"{idle / 1e6:.1f} / {busy / 1e6:.1f}",
+            f"{cycling / 1e6:.1f} ({cycling / idle:.2f}× idle, {cycling / busy:.2f}× tool-busy)",
             f"{r['left_applied']} applied, {r['retained']} retained, maps {r['maps'][0]}→{r['maps'][1]}, "
             f"RSS {r['rss'][0] / 1024:.1f}→{r['rss'][1] / 1024:.1f} MiB, "
-            f"{r['health'] or 'running, untraced'}, exit {r['exit']}",
+            f"{'; '.join(h for h in r['health'] if h) or 'running, untraced'}, "
+            f"exit {', '.join(str(e) for e in r['exit'])}",
         ])
     print(markdown_table(["protocol", "cycles", "wall s", "cycles/s", "apply ms", "revert ms", "pause ms",
                           "hotpatch errors", "crashes", "wrong values", "threads left traced",
                           "values seen old / new",
-                          "M calls/s baseline: idle / tool-busy", "M calls/s during cycles",
+                          "M calls/s per target, baseline: idle / tool-busy", "M calls/s per target during cycles",
                           "at the end"], rows))
     for p, r in results.items():
         deaths = [f"cycle {c}: target {kind}, {msg}" for c, kind, msg in r["deaths"][:10]]
