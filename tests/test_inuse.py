@@ -22,11 +22,12 @@ import pytest
 
 import hotpatch
 from conftest import TARGETS, Procs, assert_running, compile_program, run_cli, wait_for_line
-from hotpatch.inuse import ThreadView, look, look_asleep, stack_words
+from hotpatch.inuse import look_asleep
 from hotpatch.process import sampling as sampling_mod
 from hotpatch.process.live import LiveWorld
 from hotpatch.process.maps import Mapping, read_maps
 from hotpatch.process.memory import Memory
+from hotpatch.process.stackview import ThreadView, look, stack_words
 from hotpatch.process.tracer import run_as_tracer
 
 

@@ -7,9 +7,10 @@ round. libpulp waits per library; here the test is per function: only the replac
 (and, when upgrading, the older version's code) count.
 
 A thread *has a function on its stack* when its RIP or any word of its stack lies inside the function
-``(entry, entry + size]`` (:meth:`hotpatch.inuse.ThreadView.touches`): a thread standing on the entry has not
-entered yet, a return address equal to ``entry + size`` follows a final call. A stack word is a conservative
-test: a stale pointer into the function keeps the patch waiting until ``--timeout``, it never lets it through.
+``(entry, entry + size]`` (:meth:`hotpatch.process.stackview.ThreadView.touches`): a thread standing on the
+entry has not entered yet, a return address equal to ``entry + size`` follows a final call. A stack word is a
+conservative test: a stale pointer into the function keeps the patch waiting until ``--timeout``, it never
+lets it through.
 
 How: first wait, with no thread stopped (perf samples and ``/proc``, :func:`hotpatch.inuse.views`), until a
 look at every thread finds none inside; then commit with protocol B, checking every stopped thread's stack
@@ -24,10 +25,11 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from .errors import TargetError
-from .inuse import ThreadView, views
+from .inuse import views
 from .process.live import LiveWorld
 from .process.maps import read_maps
 from .process.memory import Memory
+from .process.stackview import ThreadView
 from .process.tracer import run_as_tracer
 
 POLL_S = 0.01  # between two looks at the threads while a replaced function is on some stack

@@ -27,11 +27,12 @@ from collections.abc import Mapping, Sequence, Set
 from contextlib import suppress
 
 from .errors import HotpatchError
-from .inuse import ThreadView, views
+from .inuse import views
 from .process.live import LiveWorld
 from .process.maps import Mapping as MapEntry
 from .process.memory import Memory
 from .process.remote import Injector
+from .process.stackview import ThreadView
 from .process.threads import World
 from .x86 import selfloop
 

@@ -10,91 +10,22 @@ one at a time, never two at once (:func:`view_of`).
 
 from __future__ import annotations
 
-import bisect
 import os
-import struct
 import time
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
 from .process.live import LiveWorld
 from .process.maps import Mapping
 from .process.memory import Memory
 from .process.sampling import Sample, Sampler, SamplingUnavailable
-from .process.threads import Thread
+from .process.stackview import ThreadView, look, read_stack, stack_span
 
-STACK_SCAN_LIMIT = 1 << 20  # bytes of stack scanned per thread for return addresses
 WATCH_S = 0.05  # how long a busy thread is looked at again when checking whether memory is still in use
 SAMPLE_RUN_NS = 5_000_000  # CPU time a thread may run after being armed with no sample before it is stopped
 SAMPLE_WAIT_S = 10.0  # how long a thread that does not get a CPU is awaited (as LiveWorld.stop_one waits)
 SAMPLE_WINDOW = 32  # threads armed for a sample at once (each event locks 1 + DATA_PAGES pages)
 POLL_S = 0.0005  # between two looks at the armed events
 ASLEEP_EVERY_S = 0.005  # how often an armed thread not sampled yet is checked for having gone to sleep
-
-
-def stack_words(data: bytes, word: int) -> list[int]:
-    """The ``word``-byte (8, or 4 for i386) little-endian values of ``data``, a stack read from an aligned
-    address (a trailing partial word is ignored)."""
-    return memoryview(data[: len(data) - len(data) % word]).cast("Q" if word == 8 else "I").tolist()
-
-
-class ThreadView(NamedTuple):
-    """What of a stopped thread can point into code: ``pcs`` (RIP, and RIP - 2 when a syscall restart will
-    rewind it, research §4.3) and ``stack`` (its used stack, read from a ``word``-aligned RSP); ``syscall``:
-    for a thread seen asleep, the proc(5) /proc/PID/task/TID/syscall line's fields (number and six
-    arguments, hex), else empty."""
-
-    pcs: tuple[int, ...]
-    stack: bytes
-    word: int
-    syscall: tuple[str, ...] = ()
-
-    def touches(self, lo: int, hi: int) -> bool:
-        """True when a pc or a ``word``-byte stack word lies in ``(lo, hi)`` (both excluded).
-
-        Runs while the thread is stopped, over KiBs of stack (glibc puts the thread's TLS and ``struct
-        pthread`` above its stack): for a range inside one 4 GiB block, only the words whose upper half is
-        that block's are decoded, found with ``bytes.find``; the rest never reach Python.
-        """
-        if hi - lo <= 1:
-            return False
-        if any(lo < pc < hi for pc in self.pcs):
-            return True
-        data, word = self.stack, self.word
-        if word != 8 or (lo + 1) >> 32 != (hi - 1) >> 32:
-            return any(lo < w < hi for w in stack_words(data, word))
-        tag = struct.pack("<I", (lo + 1) >> 32)
-        i = data.find(tag, 4)
-        while i != -1:
-            if i % 8 == 4 and i + 4 <= len(data):
-                value = int.from_bytes(data[i - 4 : i + 4], "little")
-                if lo < value < hi:
-                    return True
-            i = data.find(tag, i + 1)
-        return False
-
-
-def _stack_span(maps: list[Mapping], rsp: int, word: int) -> tuple[int, int]:
-    """``(start, end)``: the stack to scan, from ``rsp`` rounded down to a word up to the end of the mapping
-    holding it, at most STACK_SCAN_LIMIT bytes (``maps`` sorted by address, as /proc/PID/maps is); empty
-    (start == end) when no mapping holds it."""
-    i = bisect.bisect_right([m.start for m in maps], rsp) - 1
-    if i >= 0 and maps[i].start <= rsp < maps[i].end:
-        start = rsp & -word
-        return start, min(maps[i].end, start + STACK_SCAN_LIMIT)
-    return rsp, rsp
-
-
-def _stack(mem: Memory, maps: list[Mapping], rsp: int, word: int) -> bytes:
-    """The stack of :func:`_stack_span`, read from the target (empty when no mapping holds ``rsp``)."""
-    start, end = _stack_span(maps, rsp, word)
-    return (mem.try_read(start, end - start) or b"") if end > start else b""
-
-
-def look(mem: Memory, maps: list[Mapping], th: Thread, word: int) -> ThreadView:
-    """The :class:`ThreadView` of the stopped thread ``th`` (its stack: :func:`_stack`)."""
-    assert th.regs is not None
-    return ThreadView(th.next_pcs, _stack(mem, maps, th.regs.rsp, word), word)
 
 
 def _blocked_at(pid: int, tid: int) -> tuple[str, int] | None:
@@ -129,7 +60,7 @@ def look_asleep(
         return None
     fields = before[0].split()
     sp, pc = int(fields[-2], 16), int(fields[-1], 16)
-    data = _stack(mem, maps, sp, word) if stack else b""
+    data = read_stack(mem, maps, sp, word) if stack else b""
     if _blocked_at(pid, tid) != before:
         return None
     return ThreadView((pc, pc - 2) if fields[0] != "-1" else (pc,), data, word, tuple(fields[:-2]))
@@ -143,7 +74,7 @@ def _from_sample(maps: list[Mapping], s: Sample, word: int, stack: bool = True) 
         return None
     if not stack:
         return ThreadView((s.rip,), b"", word)
-    start, end = _stack_span(maps, s.rsp, word)
+    start, end = stack_span(maps, s.rsp, word)
     if end <= start:
         return ThreadView((s.rip,), b"", word)
     skip = -s.rsp % word  # the copy starts at RSP itself: from the first whole word

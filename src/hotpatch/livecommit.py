@@ -32,13 +32,14 @@ from contextlib import suppress
 
 from .errors import HotpatchError, SiteError, TargetError
 from .forkfix import await_forks, in_fork, settle_child
-from .inuse import ThreadView, look, views, watch_pass
+from .inuse import views, watch_pass
 from .process import remote
-from .process.live import LiveWorld, next_pcs
+from .process.live import LiveWorld, thread_views
 from .process.maps import Mapping, read_maps
 from .process.memory import Memory
 from .process.ptrace import Regs
 from .process.remote import Injector
+from .process.stackview import ThreadView, look
 from .process.threads import Thread, list_tids, thread_state
 from .process.tracer import run_as_tracer
 from .transaction import CommitReport, SiteChange, check_bytes
@@ -90,13 +91,16 @@ def settle_programs(pid: int, mem: Memory, maps: list[Mapping]) -> None:
     write jumps into nothing.
 
     A program is running iff a thread's RIP is in its code page (the tool points the thread there before it
-    lets it go; the program publishes its outcome before it leaves): threads are looked at one at a time.
+    lets it go; the program publishes its outcome before it leaves), or a word of its stack is (a signal
+    handler run after the program unblocked signals, which returns into it: :func:`left_program`); threads
+    are looked at one at a time.
     One no thread is in never ran, and never will: it is marked ABANDONED. Raises TargetError when a running
     one does not end within PROGRAM_TIMEOUT_S."""
     pending = _left_programs(mem, maps)
     if not pending:
         return
-    live = {a for pcs in next_pcs(pid).values() for pc in pcs for a in pending if a <= pc < a + selfloop.PAGE}
+    seen = thread_views(pid, mem).values()
+    live = {a for a in pending if any(v.touches(a - 1, a + selfloop.PAGE) for v in seen)}
     deadline = time.monotonic() + PROGRAM_TIMEOUT_S
     for area in pending:
         state = area + selfloop.PAGE + selfloop.D_STATE
@@ -301,23 +305,52 @@ class LiveCommit:
         return state
 
     def _unmap(self, world: LiveWorld, tid: int, area: int) -> None:
-        """Unmap the program's pages once its thread has left them (best effort)."""
-        for _ in range(200):
-            th = world.stop_one(tid) if tid in world.threads else None
-            if th is None:
-                return
-            assert th.regs is not None
-            if not area <= th.regs.rip < area + selfloop.PAGE:
-                with suppress(HotpatchError):
-                    inject = Injector(world, self.mem, self.stub, th)
-                    try:
-                        inject(inject.sys.munmap, area, 2 * selfloop.PAGE)
-                    finally:
-                        inject.close()
+        """Unmap the program's pages once its thread has left them for good (:func:`unmap_program`)."""
+        unmap_program(world, self.mem, self.stub, tid, area, self.word)
+
+
+def unmap_program(
+    world: LiveWorld, mem: Memory, stub_area: int, tid: int, area: int, word: int, looks: int = 200
+) -> bool:
+    """Unmap the commit program's two pages at ``area`` (``2 * selfloop.PAGE`` bytes) through seized thread
+    ``tid``, the one that ran it, once :func:`left_program` says it can never run them again; it is stopped
+    alone for each look (at most ``looks``, POLL_S apart) and resumed. Best effort: returns True when they
+    were unmapped, False when the thread is gone, or still in them after every look (they stay mapped: a few
+    KiB kept rather than a crash), or the munmap failed (``stub_area``: the injection stub's room)."""
+    maps = read_maps(world.pid)
+    for _ in range(looks):
+        th = world.stop_one(tid) if tid in world.threads else None
+        if th is None:
+            return False
+        try:
+            if left_program(mem, maps, th, area, word):
+                inject = Injector(world, mem, stub_area, th)
+                try:
+                    inject(inject.sys.munmap, area, 2 * selfloop.PAGE)
+                    return True
+                finally:
+                    inject.close()
+        except (HotpatchError, OSError):
+            return False
+        finally:
+            if tid in world.threads:
                 world.resume_one(tid)
-                return
-            world.resume_one(tid)
-            time.sleep(POLL_S)
+        time.sleep(POLL_S)
+    return False
+
+
+def left_program(mem: Memory, maps: list[Mapping], th: Thread, area: int, word: int) -> bool:
+    """True when the stopped thread ``th`` can never again run the program's code page at ``area``: neither
+    its RIP (nor RIP - 2 of a syscall restart) nor any ``word``-byte word of its stack (up to
+    ``stackview.STACK_SCAN_LIMIT`` bytes above RSP, on whichever stack RSP is: an alternate signal stack too) lies
+    in the page.
+
+    RIP alone is not enough: the program unblocks signals before its last instructions, so a signal can be
+    delivered there, and while its handler runs RIP is outside the page but the signal frame on the stack
+    holds the saved RIP inside it (``struct rt_sigframe``'s ``uc_mcontext``, arch/x86/kernel/signal_64.c);
+    ``rt_sigreturn`` would jump back into an unmapped page (SIGSEGV). The program itself pushes no address
+    of its page (it makes no ``call``), so only such a frame can put one there."""
+    return not look(mem, maps, th, word).touches(area - 1, area + selfloop.PAGE)
 
 
 def _rolling(world: LiveWorld, mem: Memory, maps: list[Mapping], ranges: list[tuple[int, int]], word: int) -> None:

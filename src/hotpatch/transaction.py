@@ -22,11 +22,12 @@ from typing import NamedTuple
 
 from .consistency import StackBusy, Watched, busy
 from .errors import HotpatchError, MismatchError, SiteError
-from .inuse import look, watch_pass
+from .inuse import watch_pass
 from .process import ptrace
 from .process.live import LiveWorld
 from .process.maps import Mapping, read_maps
 from .process.memory import Memory
+from .process.stackview import look
 from .process.threads import Thread, World
 from .process.tracer import run_as_tracer
 

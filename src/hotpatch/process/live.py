@@ -27,7 +27,10 @@ from collections.abc import Callable
 
 from ..errors import TargetError
 from . import ptrace
+from .maps import read_maps
+from .memory import Memory
 from .ptrace import PtraceError
+from .stackview import ThreadView, look
 from .threads import GROUP_STOP_SIGNALS, Thread, World
 from .tracer import run_as_tracer
 
@@ -231,20 +234,21 @@ class LiveWorld(World):
         return max(self.longest_by_tid.values(), default=0.0)
 
 
-def next_pcs(pid: int) -> dict[int, tuple[int, ...]]:
-    """Per thread of ``pid`` (tid → addresses), where it executes next: its RIP, and RIP - 2 as well when the
-    kernel will restart its system call there (research §4.3). Each thread is stopped alone for a register
-    read, on a tracer thread (:mod:`hotpatch.process.tracer`). Raises TargetError as :meth:`LiveWorld.seize`
-    does."""
+def thread_views(pid: int, mem: Memory) -> dict[int, ThreadView]:
+    """Per thread of ``pid`` (tid → :class:`~hotpatch.process.stackview.ThreadView`), what can bring it
+    into code: where it executes next (RIP, and RIP - 2 when the kernel will restart its system call there,
+    research §4.3) and its used stack (words of its own width). Each thread is stopped alone for the look, on
+    a tracer thread (:mod:`hotpatch.process.tracer`). Raises TargetError as :meth:`LiveWorld.seize` does."""
+    maps = read_maps(pid)
 
-    def look() -> dict[int, tuple[int, ...]]:
-        pcs: dict[int, tuple[int, ...]] = {}
+    def visit() -> dict[int, ThreadView]:
+        out: dict[int, ThreadView] = {}
         world = LiveWorld(pid, exit_detaches=True)
         try:
             world.seize()
-            world.visit(list(world.threads), lambda th: pcs.__setitem__(th.tid, th.next_pcs))
-            return pcs
+            world.visit(list(world.threads), lambda th: out.__setitem__(th.tid, look(mem, maps, th, th.word)))
+            return out
         finally:
             world.detach_all()
 
-    return run_as_tracer(look)
+    return run_as_tracer(visit)

@@ -32,10 +32,10 @@ from ..errors import HotpatchError, TargetError
 from ..x86 import stub as x86stub
 from ..x86 import stub32
 from . import ptrace
-from .live import next_pcs
+from .live import thread_views
 from .maps import USER_TOP, Mapping, mapped_file, page_up
 from .memory import Memory
-from .threads import Thread, World, is_zombie, list_tids, thread_state
+from .threads import USER32_CS, USER_CS, Thread, World, is_zombie, list_tids, thread_state
 
 
 class Syscalls(NamedTuple):
@@ -79,8 +79,6 @@ MAP_FIXED_NOREPLACE: Final = 0x100000
 MFD_CLOEXEC: Final = 1  # the same flag values on i386 and x86-64 (include/uapi/asm-generic/mman-common.h)
 
 CALL_TIMEOUT_S = 2.0
-USER32_CS: Final = 0x23  # __USER32_CS: a thread running 32-bit code (arch/x86/include/asm/segment.h)
-USER_CS: Final = 0x33  # __USER_CS: 64-bit code
 
 
 class Arch(NamedTuple):
@@ -176,7 +174,7 @@ def find_stub_area(pid: int, maps: list[Mapping], mem: Memory) -> int:
                 start = (start + 15) & ~15
                 fits = page_up(start) == m.end and m.end - start >= STUB_ROOM
                 data = mem.try_read(start, STUB_ROOM) if fits else None
-                if data == bytes(STUB_ROOM) or (_left_stub(data) and not threads_inside(pid, start, STUB_ROOM)):
+                if data == bytes(STUB_ROOM) or (_left_stub(data) and not threads_inside(pid, mem, start, STUB_ROOM)):
                     return start
         finally:
             img.close()
@@ -188,10 +186,12 @@ def _left_stub(data: bytes | None) -> bool:
     return data is not None and any(data.startswith(a.signature) for a in ARCHES.values())
 
 
-def threads_inside(pid: int, addr: int, size: int) -> bool:
-    """True when a thread of ``pid`` executes next inside ``[addr, addr + size)`` (:func:`next_pcs`: each
-    thread stopped alone). Raises TargetError as :meth:`LiveWorld.seize` does."""
-    return any(addr <= pc < addr + size for pcs in next_pcs(pid).values() for pc in pcs)
+def threads_inside(pid: int, mem: Memory, addr: int, size: int) -> bool:
+    """True when a thread of ``pid`` executes next inside ``[addr, addr + size)`` or can come back there: its
+    RIP, or a word of its stack, such as the saved RIP of a signal delivered in a stub's restore code
+    (:func:`~hotpatch.process.live.thread_views`: each thread stopped alone). Raises TargetError as
+    :meth:`LiveWorld.seize` does."""
+    return any(v.touches(addr - 1, addr + size) for v in thread_views(pid, mem).values())
 
 
 class SyscallError(OSError):

@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from typing import Final
 
 from ..errors import TargetError
 from . import ptrace, tracer
@@ -30,6 +31,9 @@ BATCH_BOOST_MIN = 8  # threads to stop at once from which the interrupts are sen
 """How long :meth:`World.release` waits for a thread it interrupted to stop, so as to detach it: a thread
 that cannot stop now (in a killable-only sleep such as a vfork parent's, or starved of CPU) still takes the
 interrupt's stop later, and with the tracer alive (an API caller) nobody would resume it."""
+
+USER32_CS: Final = 0x23  # __USER32_CS: a thread running 32-bit code (arch/x86/include/asm/segment.h)
+USER_CS: Final = 0x33  # __USER_CS: 64-bit code
 
 
 class Thread:
@@ -59,6 +63,12 @@ class Thread:
         assert self.regs is not None
         rax = self.regs.rax - (1 << 64) if self.regs.rax >= 1 << 63 else self.regs.rax
         return self.in_syscall and rax in ERESTART_CODES
+
+    @property
+    def word(self) -> int:
+        """The stopped thread's word in bytes: 4 when it runs 32-bit code (``cs`` = USER32_CS), else 8."""
+        assert self.regs is not None
+        return 4 if self.regs.cs & 0xFFFF == USER32_CS else 8
 
     @property
     def next_pcs(self) -> tuple[int, ...]:
