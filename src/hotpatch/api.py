@@ -410,8 +410,12 @@ class Target:
                     for addr, size, prot in img.protections:
                         if prot != rx:
                             inject(inject.sys.mprotect, addr, size, prot)
-                except BaseException:
+                except BaseException as e:
                     inject(inject.sys.munmap, region, layout.size)
+                    if isinstance(e, SyscallError):  # e.g. a seccomp filter forbidding mprotect
+                        raise TargetError(
+                            f"cannot make the patch's data pages writable in PID {self.pid}: {e.strerror}"
+                        ) from None
                     raise
             try:  # /proc/PID/mem writes need no write permission (FOLL_FORCE): the target runs meanwhile
                 tramps = b"".join(s.trampoline.code.ljust(MAX_TRAMPOLINE, b"\xcc") for s in placed)

@@ -267,7 +267,9 @@ class Injector:
         ptrace.set_regs(self.thread.tid, regs)
         result = self.arch.result(self._run())
         if result < 0:
-            raise SyscallError(-result, f"syscall {nr}: {os.strerror(-result)}")
+            names = [k for k, v in self.arch.sys._asdict().items() if v == nr and k != "mmap_offset_unit"]
+            name = names[0] if names else f"syscall {nr}"
+            raise SyscallError(-result, f"{name}: {os.strerror(-result)}")
         return result
 
     def mmap(self, addr: int, size: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> int:
