@@ -7,6 +7,7 @@ Every process a test starts goes through ``procs.start``; at teardown each one s
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from hotpatch.elf.image import open_elf
 from procs import Procs
 
 __all__ = [
@@ -23,7 +25,9 @@ __all__ = [
     "TARGETS",
     "Procs",
     "assert_running",
+    "assert_runs_stripped",
     "compile_program",
+    "free_port",
     "run_cli",
     "thread_states",
     "wait_for_line",
@@ -57,6 +61,13 @@ def compile_program(src: Path, out: Path, *flags: str, shared: bool = False) -> 
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr}"
     return out
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now (a server given it may still lose a race)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -115,6 +126,18 @@ def assert_running(pid: int) -> None:
     with open(f"/proc/{pid}/status") as f:
         tracer = next(line for line in f if line.startswith("TracerPid:")).split()[1]
     assert tracer == "0", f"PID {pid} is still traced by {tracer}"
+
+
+def assert_runs_stripped(pid: int, file: str) -> None:
+    """Process ``pid`` runs ``file`` (same build-id: a patch built against the file fits the process), and the
+    file is stripped (no ``.symtab``: a patch can only use its ``.dynsym`` names), as Debian ships its programs."""
+    exe, built = open_elf(f"/proc/{pid}/exe", "module"), open_elf(file, "target")
+    try:
+        assert exe.build_id is not None and exe.build_id == built.build_id, f"PID {pid} does not run {file}"
+        assert not built.has_symtab, f"expected a stripped {file}"
+    finally:
+        exe.close()
+        built.close()
 
 
 @pytest.fixture(scope="module")
