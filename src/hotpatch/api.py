@@ -17,7 +17,6 @@ original bytes; the patch's memory is unmapped only when no thread's RIP or stac
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +32,7 @@ from .gotplan import GotPlan, plan_got
 from .ifunc import implementation as ifunc_implementation
 from .livecommit import LiveCommit, RollingTimeout, settle_programs, wait_settled
 from .loader import Layout, load
+from .lock import target_lock
 from .modules import ModuleSet
 from .patch.bundle import PatchFile
 from .patch.manifest import Function, Manifest
@@ -186,22 +186,9 @@ class Target:
     # -- helpers ------------------------------------------------------------------------------------
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"hotpatch-{self.pid}.lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            deadline = time.monotonic() + LOCK_TIMEOUT_S
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise TargetError(f"another hotpatch is working on PID {self.pid}") from None
-                    time.sleep(0.01)
+        with target_lock(self.pid, LOCK_TIMEOUT_S):
             self._stops_us = []
             yield
-        finally:
-            os.close(fd)
 
     def _maps(self) -> list[Mapping]:
         return read_maps(self.pid)
